@@ -194,7 +194,7 @@ impl ConstraintEnvelope {
         }
         if let Some(b) = &self.budgets
             && let Some(cost) = b.max_cost
-            && !(cost >= 0.0)
+            && (cost.is_nan() || cost < 0.0)
         {
             return Err(("constraints.budgets.max_cost", "must be a number >= 0"));
         }

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,11 +19,9 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use wasmtime::Store;
-use wasmtime::UpdateDeadline;
 
 use crate::registry::{Lookup, NodeEntry, PackRegistry};
-use crate::runtime::{MemoryLimitExceeded, StoreState};
+use crate::runtime::{Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store};
 use crate::world::Invocation;
 
 /// Most validation errors reported in `details.errors`.
@@ -84,6 +82,8 @@ pub struct Executor {
     permits: Arc<Semaphore>,
     queued: AtomicUsize,
     executions: Mutex<Executions>,
+    /// Guest invocations started, ever (retries that attach do not count).
+    invocations: AtomicU64,
 }
 
 impl std::fmt::Debug for Executor {
@@ -94,15 +94,6 @@ impl std::fmt::Debug for Executor {
     }
 }
 
-/// How a guest call ended before it produced a value.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-enum Interrupted {
-    #[error("time limit reached")]
-    Timeout,
-    #[error("canceled")]
-    Canceled,
-}
-
 impl Executor {
     pub fn new(registry: Arc<PackRegistry>, config: ExecutorConfig) -> Self {
         Self {
@@ -111,6 +102,7 @@ impl Executor {
             config,
             queued: AtomicUsize::new(0),
             executions: Mutex::new(Executions::default()),
+            invocations: AtomicU64::new(0),
         }
     }
 
@@ -125,6 +117,11 @@ impl Executor {
     /// Executions running now (holding a sandbox).
     pub fn running(&self) -> usize {
         self.config.max_concurrency.max(1) - self.permits.available_permits()
+    }
+
+    /// Guest invocations started since the executor was created.
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
     }
 
     /// Executes `request`, or attaches to the execution of the same NodeRun.
@@ -240,7 +237,7 @@ impl Executor {
                     "unknown_node_type",
                     format!("Unknown node_type_id: {}", ref_.node_type_id),
                 );
-                return Ok(self.complete(&request, started_at, Err(error)));
+                return Ok(self.complete(&request, started_at, Err(failed(error))));
             }
             Lookup::UnknownVersion { available } => {
                 let error = ErrorDetail::new(
@@ -253,7 +250,7 @@ impl Executor {
                 .with_details(object(
                     json!({ "requested": ref_.version, "available": available }),
                 ));
-                return Ok(self.complete(&request, started_at, Err(error)));
+                return Ok(self.complete(&request, started_at, Err(failed(error))));
             }
         };
         if let Some(node_limit) = entry.max_wall_time {
@@ -267,7 +264,7 @@ impl Executor {
                 "inputs do not match the node's input schema",
             )
             .with_details(schema_errors(&entry.input_schema, &inputs));
-            return Ok(self.complete(&request, started_at, Err(error)));
+            return Ok(self.complete(&request, started_at, Err(failed(error))));
         }
 
         let _permit = match self.admit(deadline, &cancel).await {
@@ -289,7 +286,7 @@ impl Executor {
         Ok(self.complete(
             &request,
             started_at,
-            outcome.map_err(|e| e.into_detail(limit)),
+            outcome.map_err(|e| e.into_ended(limit)),
         ))
     }
 
@@ -330,23 +327,13 @@ impl Executor {
             Arc::from(request.node_run_id.as_str()),
             entry.node_type_id.clone(),
         );
-        let mut store = Store::new(self.registry.engine(), state);
-        store.limiter(|s| s);
-        // A running guest checks in at every epoch tick: stop it if its time
-        // is up or it was canceled, otherwise let other tasks run.
-        let (deadline_std, token) = (deadline.into_std(), cancel.clone());
-        store.epoch_deadline_callback(move |_| {
-            if token.is_cancelled() {
-                Err(wasmtime::Error::new(InterruptedError(
-                    Interrupted::Canceled,
-                )))
-            } else if std::time::Instant::now() >= deadline_std {
-                Err(wasmtime::Error::new(InterruptedError(Interrupted::Timeout)))
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-        store.set_epoch_deadline(1);
+        let store = new_store(
+            self.registry.engine(),
+            state,
+            deadline.into_std(),
+            Some(cancel.clone()),
+        );
+        let mut store = store;
 
         let trace = request.run_context.as_ref().and_then(|c| c.trace.as_ref());
         let invocation = Invocation {
@@ -359,6 +346,7 @@ impl Executor {
             span_id: trace.and_then(|t| t.span_id.clone()),
             deadline_unix_ms: unix_ms_at(deadline),
         };
+        self.invocations.fetch_add(1, Ordering::Relaxed);
         let call = async {
             let instance = entry.pack.pre.instantiate_async(&mut store).await?;
             instance.call_invoke(&mut store, &invocation).await
@@ -382,12 +370,11 @@ impl Executor {
         &self,
         request: &AtomicExecuteRequest,
         started_at: String,
-        outcome: Result<JsonObject, ErrorDetail>,
+        outcome: Result<JsonObject, (NodeRunState, ErrorDetail)>,
     ) -> Arc<Completed> {
         let (state, outputs, error) = match outcome {
             Ok(outputs) => (NodeRunState::Succeeded, Some(outputs), None),
-            Err(e) if e.code == "canceled" => (NodeRunState::Canceled, None, Some(e)),
-            Err(e) => (NodeRunState::Failed, None, Some(e)),
+            Err((state, e)) => (state, None, Some(e)),
         };
         let ref_ = &request.node_type_ref;
         match &error {
@@ -426,10 +413,6 @@ impl Drop for QueueSlot<'_> {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct InterruptedError(Interrupted);
-
 /// Why a node produced no outputs.
 #[derive(Debug)]
 enum Failure {
@@ -444,9 +427,10 @@ enum Failure {
 }
 
 impl Failure {
-    fn into_detail(self, limit: Duration) -> ErrorDetail {
-        match self {
-            Failure::Interrupted(why) => interrupted_error(why, limit),
+    /// The terminal state and error this failure is reported as.
+    fn into_ended(self, limit: Duration) -> (NodeRunState, ErrorDetail) {
+        let detail = match self {
+            Failure::Interrupted(why) => return interrupted_error(why, limit),
             Failure::Node(e) => {
                 let mut detail = ErrorDetail::new(e.code, e.message);
                 if let Some(text) = e.details {
@@ -472,21 +456,29 @@ impl Failure {
                     None => detail,
                 }
             }
-        }
+        };
+        failed(detail)
     }
 }
 
-fn interrupted_error(why: Interrupted, limit: Duration) -> ErrorDetail {
+fn failed(detail: ErrorDetail) -> (NodeRunState, ErrorDetail) {
+    (NodeRunState::Failed, detail)
+}
+
+fn interrupted_error(why: Interrupted, limit: Duration) -> (NodeRunState, ErrorDetail) {
     match why {
-        Interrupted::Timeout => ErrorDetail::new(
-            "timeout",
-            format!(
+        Interrupted::Timeout => {
+            let message = format!(
                 "execution exceeded its time limit of {} ms",
                 limit.as_millis()
-            ),
-        )
-        .with_details(object(json!({ "limit_ms": limit.as_millis() as u64 }))),
-        Interrupted::Canceled => ErrorDetail::new("canceled", "execution canceled"),
+            );
+            let details = object(json!({ "limit_ms": limit.as_millis() as u64 }));
+            failed(ErrorDetail::new("timeout", message).with_details(details))
+        }
+        Interrupted::Canceled => (
+            NodeRunState::Canceled,
+            ErrorDetail::new("canceled", "execution canceled"),
+        ),
     }
 }
 

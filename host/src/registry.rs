@@ -14,10 +14,10 @@ use std::time::Duration;
 use arp_types::{ConstraintEnvelope, Extensions, JsonObject, NodeKind, NodeType};
 use serde_json::Value;
 use tokio::sync::watch;
+use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, Store};
 
-use crate::runtime::{RuntimeLimits, StoreState};
+use crate::runtime::{RuntimeLimits, StoreState, new_store};
 use crate::world::{NodePackPre, NodeSpec, SideEffect};
 
 /// Longest a pack's `describe` may run at load time.
@@ -258,10 +258,8 @@ impl PackRegistry {
             Arc::from("<describe>"),
             Arc::from("<describe>"),
         );
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| s);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        let deadline = std::time::Instant::now() + DESCRIBE_TIME_LIMIT;
+        let mut store = new_store(&self.engine, state, deadline, None);
         let call = async {
             let instance = pre.instantiate_async(&mut store).await?;
             instance.call_describe(&mut store).await
@@ -318,6 +316,7 @@ impl PackRegistry {
             let list = index.entry(entry.node_type_id.to_string()).or_default();
             list.retain(|e| e.version != entry.version);
             list.push(entry);
+            list.sort_by(|a, b| version_order(&a.version, &b.version));
         }
         index.retain(|_, list| !list.is_empty());
         *guard = Arc::new(index);
@@ -423,5 +422,40 @@ fn parse_schema(text: &str) -> Result<JsonObject, String> {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err("must be a JSON object".into()),
         Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+/// Orders versions by their dot-separated parts, numerically where both
+/// parts are numbers (`2.0.0` before `10.0.0`).
+fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let mut left = a.split(['.', '-', '+']);
+    let mut right = b.split(['.', '-', '+']);
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let order = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    _ => x.cmp(y),
+                };
+                if order.is_ne() {
+                    return order;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_order;
+
+    #[test]
+    fn versions_order_numerically() {
+        let mut v = vec!["10.0.0", "2.0.0", "2.0.0-rc1", "1.9", "a"];
+        v.sort_by(|a, b| version_order(a, b));
+        assert_eq!(v, ["1.9", "2.0.0", "2.0.0-rc1", "10.0.0", "a"]);
     }
 }

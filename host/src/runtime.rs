@@ -7,8 +7,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
+use tokio_util::sync::CancellationToken;
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    UpdateDeadline,
+};
 
 use crate::world::{self, clock, log, random, timer};
 
@@ -170,6 +174,51 @@ impl ResourceLimiter for StoreState {
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
+}
+
+/// How a guest call was stopped from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Interrupted {
+    #[error("time limit reached")]
+    Timeout,
+    #[error("canceled")]
+    Canceled,
+}
+
+/// The error a guest call fails with when it was interrupted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InterruptedError(pub Interrupted);
+
+/// A fresh store for one call: memory limits, and an epoch guard that stops
+/// the guest at `deadline` or on `cancel` and otherwise yields to the async
+/// runtime at every tick, so a spinning guest never monopolises a thread.
+pub fn new_store(
+    engine: &Engine,
+    state: StoreState,
+    deadline: std::time::Instant,
+    cancel: Option<CancellationToken>,
+) -> Store<StoreState> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| s);
+    store.epoch_deadline_callback(move |_| {
+        if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            Err(wasmtime::Error::new(InterruptedError(
+                Interrupted::Canceled,
+            )))
+        } else if std::time::Instant::now() >= deadline {
+            Err(wasmtime::Error::new(InterruptedError(Interrupted::Timeout)))
+        } else {
+            // tokio's yield_now lets the runtime poll its I/O driver first;
+            // a plain wake-up would starve network tasks.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        }
+    });
+    store.set_epoch_deadline(1);
+    store
 }
 
 /// Adds the host functions of the `node-pack` world to `linker`.

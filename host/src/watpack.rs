@@ -66,6 +66,7 @@ pub struct WatPack {
     pack_version: String,
     nodes: Vec<WatNode>,
     image: Vec<u8>,
+    sleep_import: bool,
 }
 
 impl WatPack {
@@ -75,7 +76,15 @@ impl WatPack {
             pack_version: pack_version.into(),
             nodes: Vec::new(),
             image: Vec::new(),
+            sleep_import: false,
         }
+    }
+
+    /// Imports `jarvis:node/timer.sleep`, callable in `invoke` as
+    /// `(call $sleep (i64.const MILLISECONDS))`.
+    pub fn with_sleep(mut self) -> Self {
+        self.sleep_import = true;
+        self
     }
 
     pub fn node(mut self, node: WatNode) -> Self {
@@ -143,9 +152,23 @@ impl WatPack {
         for b in &pack.image {
             let _ = write!(escaped, "\\{b:02x}");
         }
+        let (component_imports, module_import, instantiate) = if self.sleep_import {
+            (
+                r#"(import "jarvis:node/timer@0.1.0" (instance $timer (export "sleep" (func (param "duration-ms" u64)))))
+  (alias export $timer "sleep" (func $sleep_f))
+  (core func $sleep_lowered (canon lower (func $sleep_f)))
+  (core instance $host (export "sleep" (func $sleep_lowered)))"#,
+                r#"(import "host" "sleep" (func $sleep (param i64)))"#,
+                r#"(core instance $i (instantiate $m (with "host" (instance $host))))"#,
+            )
+        } else {
+            ("", "", r#"(core instance $i (instantiate $m))"#)
+        };
         format!(
             r#"(component
+  {component_imports}
   (core module $m
+    {module_import}
     (memory (export "memory") 1)
     (data (i32.const {DATA_BASE}) "{escaped}")
     (global $heap (mut i32) (i32.const {heap_start}))
@@ -184,7 +207,7 @@ impl WatPack {
       {invoke_body})
     (func (export "cabi_post_invoke") (param i32) (global.set $heap (i32.const {heap_start})))
   )
-  (core instance $i (instantiate $m))
+  {instantiate}
   (type $side-effect' (enum "read" "write" "irreversible"))
   (export $side-effect "side-effect" (type $side-effect'))
   (type $node-spec' (record
