@@ -1,1 +1,43 @@
-fn main() {}
+//! Per-call cost of one in-process execution of the built-in echo:
+//! admission, a fresh instance, the guest call and both schema checks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arp_types::{AtomicExecuteRequest, NodeRunState};
+use criterion::{Criterion, criterion_group, criterion_main};
+use jarvis_atomic_executor::Service;
+use jarvis_atomic_executor::config::Config;
+
+fn request(n: u64) -> AtomicExecuteRequest {
+    serde_json::from_value(serde_json::json!({
+        "node_run_id": format!("bench-{n}"),
+        "run_id": "bench",
+        "node_type_ref": { "node_type_id": "jarvis.core.echo", "version": "0.3.8" },
+        "inputs": { "echo": "hi" },
+    }))
+    .expect("valid request")
+}
+
+fn echo(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let service = runtime.block_on(Service::start(&Config::for_tests())).expect("service");
+    let executor = service.executor.clone();
+    let counter = AtomicU64::new(0);
+    c.bench_function("execute echo (in-process)", |b| {
+        b.to_async(&runtime).iter(|| {
+            let request = request(counter.fetch_add(1, Ordering::Relaxed));
+            let executor = executor.clone();
+            async move {
+                let done = executor.execute(request).await.expect("executed");
+                assert_eq!(done.result.state, NodeRunState::Succeeded);
+            }
+        })
+    });
+}
+
+criterion_group!(benches, echo);
+criterion_main!(benches);

@@ -155,7 +155,11 @@ async fn execute(
     State(executor): State<Arc<Executor>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request = parse_execute_request(&body.map_err(|_| ApiError::PayloadTooLarge)?)?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::InvalidRequest { message: rejection.body_text(), details: None },
+    })?;
+    let request = parse_execute_request(&body)?;
     let completed = executor.execute(request).await?;
     Ok(json_response(StatusCode::OK, completed.json.clone()))
 }

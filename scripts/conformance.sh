@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Starts a built service on a free port and runs the official ARP conformance
+# CLI (../shared/arp-conformance.sh) against it, smoke and surface tiers.
+# Usage: scripts/conformance.sh atomic-executor [BINARY]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+service=${1:?usage: scripts/conformance.sh atomic-executor [BINARY]}
+case "$service" in
+  atomic-executor) binary=${2:-target/debug/jarvis-atomic-executor} ;;
+  *) echo "unknown service: $service" >&2; exit 2 ;;
+esac
+[[ -x $binary ]] || cargo build -p jarvis-atomic-executor
+shared=${SHARED_DIR:-../shared}
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+log=$(mktemp)
+"$binary" --port "$port" --packs nodepacks >"$log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
+for _ in $(seq 100); do
+  curl -fsS "http://127.0.0.1:$port/v1/health" >/dev/null 2>&1 && break
+  kill -0 $pid 2>/dev/null || { echo "$service exited:"; cat "$log"; exit 1; }
+  sleep 0.1
+done
+bash "$shared/arp-conformance.sh" "$service" "http://127.0.0.1:$port"
