@@ -36,7 +36,7 @@ async fn token_is_fetched_once_and_reused_per_audience() {
         .into_iter()
         .map(|h| h.unwrap().unwrap())
         .collect();
-    assert!(headers.iter().all(|h| h == &headers[0]));
+    assert!(headers.iter().all(|h| *h == headers[0]));
     assert!(headers[0].is_sensitive());
     for _ in 0..10 {
         let again = outbound
