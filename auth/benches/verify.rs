@@ -23,7 +23,9 @@ async fn whoami(principal: Option<Principal>) -> String {
 }
 
 fn app(auth: Option<&Authenticator>) -> Router {
-    let app = Router::new().route("/v1/whoami", get(whoami)).route("/v1/health", get(|| async {}));
+    let app = Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/health", get(|| async {}));
     match auth {
         Some(auth) => app.layer(auth.layer()),
         None => app,
@@ -39,7 +41,10 @@ fn request(path: &str, authorization: Option<&str>) -> Request {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
     // A JWKS endpoint on 127.0.0.1:0 publishing one freshly generated RSA-2048 key.
     let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
@@ -68,24 +73,44 @@ fn bench(c: &mut Criterion) {
     )
     .unwrap();
     rt.block_on(required.prefetch_keys()).unwrap();
-    let disabled =
-        Authenticator::new(AuthSettings::from_vars([("ARP_AUTH_PROFILE", "dev-insecure")]).unwrap())
-            .unwrap();
+    let disabled = Authenticator::new(
+        AuthSettings::from_vars([("ARP_AUTH_PROFILE", "dev-insecure")]).unwrap(),
+    )
+    .unwrap();
 
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = json!({"iss": issuer, "aud": AUDIENCE, "sub": "bench", "exp": now + 3600, "iat": now});
+    let claims =
+        json!({"iss": issuer, "aud": AUDIENCE, "sub": "bench", "exp": now + 3600, "iat": now});
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("k1".to_owned());
-    let bearer = format!("Bearer {}", jsonwebtoken::encode(&header, &claims, &encoding).unwrap());
+    let bearer = format!(
+        "Bearer {}",
+        jsonwebtoken::encode(&header, &claims, &encoding).unwrap()
+    );
     let token = bearer.trim_start_matches("Bearer ").to_owned();
 
     let mut group = c.benchmark_group("request");
     let cases: [(&str, Router, &str, Option<&str>); 5] = [
         ("no_auth_layer", app(None), "/v1/whoami", None),
         ("mode_disabled", app(Some(&disabled)), "/v1/whoami", None),
-        ("required_exempt_path", app(Some(&required)), "/v1/health", None),
-        ("required_missing_header_401", app(Some(&required)), "/v1/whoami", None),
-        ("required_valid_rs256_cached_keys", app(Some(&required)), "/v1/whoami", Some(&bearer)),
+        (
+            "required_exempt_path",
+            app(Some(&required)),
+            "/v1/health",
+            None,
+        ),
+        (
+            "required_missing_header_401",
+            app(Some(&required)),
+            "/v1/whoami",
+            None,
+        ),
+        (
+            "required_valid_rs256_cached_keys",
+            app(Some(&required)),
+            "/v1/whoami",
+            Some(&bearer),
+        ),
     ];
     for (name, router, path, authorization) in cases {
         // Sanity: every case answers what it should before it is timed.
@@ -97,8 +122,9 @@ fn bench(c: &mut Criterion) {
         assert_eq!(status.as_u16(), expected, "{name}");
         group.bench_function(name, |b| {
             b.iter(|| {
-                let response =
-                    rt.block_on(router.clone().oneshot(request(path, authorization))).unwrap();
+                let response = rt
+                    .block_on(router.clone().oneshot(request(path, authorization)))
+                    .unwrap();
                 black_box(response.status())
             })
         });
@@ -106,9 +132,16 @@ fn bench(c: &mut Criterion) {
     group.finish();
 
     c.bench_function("verify_bearer_rs256_cached_keys", |b| {
-        b.iter(|| rt.block_on(required.verify_bearer(black_box(&token))).unwrap())
+        b.iter(|| {
+            rt.block_on(required.verify_bearer(black_box(&token)))
+                .unwrap()
+        })
     });
-    assert_eq!(required.jwks_fetch_count(), 1, "keys stayed cached throughout");
+    assert_eq!(
+        required.jwks_fetch_count(),
+        1,
+        "keys stayed cached throughout"
+    );
 }
 
 criterion_group!(benches, bench);

@@ -2,7 +2,7 @@
 //! unknown `kid` at most once per cooldown, with every fetch bounded by a timeout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -122,7 +122,10 @@ pub(crate) struct KeyStore {
     /// Held across a fetch so concurrent requests wait for one fetch instead of each making one.
     refresh: tokio::sync::Mutex<RefreshState>,
     background_refresh: AtomicBool,
-    fetches: std::sync::atomic::AtomicU64,
+    fetches: AtomicU64,
+    /// Bumped whenever a new key set replaces the old, so results verified with the old one
+    /// can be told apart.
+    generation: AtomicU64,
 }
 
 impl KeyStore {
@@ -144,7 +147,8 @@ impl KeyStore {
                 last_failure: None,
             }),
             background_refresh: AtomicBool::new(false),
-            fetches: Default::default(),
+            fetches: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -153,6 +157,11 @@ impl KeyStore {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Which key set is current; changes whenever keys are (re)loaded.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Number of JWKS fetches attempted so far (for diagnostics and tests).
@@ -239,6 +248,7 @@ impl KeyStore {
                     "JWKS loaded"
                 );
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 state.last_failure = None;
                 Ok(())
             }

@@ -42,6 +42,7 @@
 //! - [`settings`]: `ARP_AUTH_*` → validated [`AuthSettings`]; profiles, modes, defaults.
 //! - `discovery`: bounded JSON fetches and OIDC discovery, shared by both directions.
 //! - `jwks`: the key cache by `kid` with rate-limited refresh.
+//! - `token_cache`: tokens already verified, so a reused token skips the signature check.
 //! - `verifier`: [`Authenticator`] and [`AuthError`] (401 reasons, challenge strings).
 //! - `middleware`: [`AuthLayer`], the tower layer for axum routers, and the 401 response.
 //! - `principal`: [`Principal`] and its axum extractor.
@@ -53,6 +54,7 @@ mod middleware;
 mod outbound;
 mod principal;
 pub mod settings;
+mod token_cache;
 mod verifier;
 
 pub use middleware::{AuthLayer, AuthService};

@@ -150,6 +150,8 @@ pub struct AuthSettings {
     /// Minimum time between two fetches caused by unknown `kid`s or failures; within it such
     /// requests are answered from what is known, without touching the network.
     pub jwks_refresh_cooldown: Duration,
+    /// How many verified tokens to remember (0: verify every request in full).
+    pub verified_token_cache: usize,
 }
 
 /// Variables read from the process environment, as `(name, value)` pairs.
@@ -299,6 +301,14 @@ impl AuthSettings {
             jwks_timeout: env.seconds("ARP_AUTH_JWKS_TIMEOUT_SECONDS", 5.0)?,
             jwks_cache_ttl: env.seconds("ARP_AUTH_JWKS_CACHE_SECONDS", 300.0)?,
             jwks_refresh_cooldown: env.seconds("ARP_AUTH_JWKS_REFRESH_COOLDOWN_SECONDS", 10.0)?,
+            verified_token_cache: match env.get("ARP_AUTH_TOKEN_CACHE_SIZE") {
+                None => 4096,
+                Some(raw) => raw.parse().map_err(|_| SettingsError::InvalidValue {
+                    var: "ARP_AUTH_TOKEN_CACHE_SIZE",
+                    value: raw.to_owned(),
+                    expected: "a whole number of tokens, 0 to turn the cache off",
+                })?,
+            },
         };
         settings.validate()?;
         Ok(settings)

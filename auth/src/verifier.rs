@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
@@ -13,6 +14,7 @@ use crate::jwks::{KeyLookupError, KeyStore};
 use crate::middleware::AuthLayer;
 use crate::principal::{Principal, PrincipalKind};
 use crate::settings::{AuthMode, AuthSettings, SettingsError};
+use crate::token_cache::{VerifiedTokens, unix_now};
 
 /// Why a request was not authenticated. `Display` is the detail for logs; clients get
 /// [`AuthError::client_message`] only.
@@ -104,6 +106,7 @@ pub(crate) struct Inner {
     validations: Box<[(Algorithm, Validation)]>,
     pub(crate) dev: Principal,
     anonymous: Principal,
+    verified: VerifiedTokens,
     settings: AuthSettings,
 }
 
@@ -154,6 +157,7 @@ impl Authenticator {
                     &settings.anonymous_subject,
                     PrincipalKind::Anonymous,
                 ),
+                verified: VerifiedTokens::new(settings.verified_token_cache),
                 settings,
             }),
         })
@@ -200,6 +204,16 @@ impl Authenticator {
     /// Verifies a raw JWT (without the `Bearer ` prefix).
     pub async fn verify_bearer(&self, token: &str) -> Result<Principal, AuthError> {
         let inner = &self.inner;
+        let keys = inner
+            .keys
+            .as_ref()
+            .ok_or_else(|| AuthError::InvalidToken("auth is disabled".to_owned()))?;
+        // Read before the key lookup: if that lookup reloads the keys, the entry stored below
+        // is merely stale (one more full check later), never trusted past a key change.
+        let key_generation = keys.generation();
+        if let Some(principal) = inner.verified.get(token, key_generation) {
+            return Ok(principal);
+        }
         // `alg: none` (and any algorithm jsonwebtoken does not know) fails right here.
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::InvalidToken(format!("header: {e}")))?;
@@ -210,10 +224,6 @@ impl Authenticator {
             .ok_or_else(|| {
                 AuthError::InvalidToken(format!("algorithm {:?} not accepted", header.alg))
             })?;
-        let keys = inner
-            .keys
-            .as_ref()
-            .ok_or_else(|| AuthError::InvalidToken("auth is disabled".to_owned()))?;
         let key = keys
             .key_for(header.kid.as_deref(), header.alg)
             .await
@@ -224,7 +234,25 @@ impl Authenticator {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
             _ => return Err(AuthError::InvalidToken("no `sub` claim".to_owned())),
         };
-        Ok(Principal::from_claims(sub, data.claims))
+        let expires_unix = data.claims.get("exp").and_then(Value::as_u64);
+        let principal = Principal::from_claims(sub, data.claims);
+        if let Some(exp) = expires_unix {
+            let leeway = inner.settings.clock_skew.as_secs();
+            // Never cache past the JWKS refresh age: a key the IdP drops must stop working.
+            let recheck_at = Instant::now() + inner.settings.jwks_cache_ttl;
+            // `nbf` needs no re-check: it has passed, and time only moves forward.
+            if unix_now() <= exp.saturating_add(leeway) {
+                let expires = exp.saturating_add(leeway);
+                inner.verified.insert(
+                    token,
+                    principal.clone(),
+                    expires,
+                    recheck_at,
+                    key_generation,
+                );
+            }
+        }
+        Ok(principal)
     }
 }
 

@@ -158,14 +158,17 @@ async fn bad_signature_is_refused() {
 
 #[tokio::test]
 async fn unknown_kid_refreshes_once_per_cooldown_and_follows_rotation() {
-    let (idp, base) = setup().await;
+    let idp = Idp::start(&["key-a"]).await;
+    // Long enough that the burst below fits inside it even on a loaded machine.
+    let cooldown = [("ARP_AUTH_JWKS_REFRESH_COOLDOWN_SECONDS", "2")];
+    let base = protected_app(&Authenticator::new(idp.settings(&cooldown)).unwrap()).await;
     call_bearer(&base, &keys()[0].sign(&idp.claims()))
         .await
         .assert_ok_as("user-42");
     assert_eq!(idp.jwks_hits(), 1);
 
-    // The IdP rotates to key-b after the cooldown (0.5 s in these settings).
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The IdP rotates to key-b after the cooldown.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     idp.publish(&["key-a", "key-b"]);
     call_bearer(&base, &keys()[1].sign(&idp.claims()))
         .await
@@ -180,7 +183,7 @@ async fn unknown_kid_refreshes_once_per_cooldown_and_follows_rotation() {
             .assert_unauthorized("invalid_token", "Invalid token");
     }
     assert_eq!(idp.jwks_hits(), 2, "refreshes are rate-limited");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     call_bearer(&base, &unknown)
         .await
         .assert_unauthorized("invalid_token", "Invalid token");
@@ -296,21 +299,16 @@ async fn jwks_endpoint_that_hangs_costs_one_bounded_wait() {
         .assert_unauthorized("invalid_token", "Unable to fetch JWKS");
     let first = started.elapsed();
     assert!(
-        first >= Duration::from_millis(250) && first < Duration::from_secs(2),
+        first >= Duration::from_millis(250) && first < Duration::from_secs(3),
         "{first:?}"
     );
 
-    // Within the cooldown a dead IdP costs nothing: ten concurrent requests, no new fetch.
-    let started = Instant::now();
+    // Within the cooldown a dead IdP costs nothing: ten concurrent requests, no new fetch
+    // (each would be another connection to the hung port and another 0.3 s wait).
     let calls = (0..10).map(|_| call_bearer(&base, &token));
     for reply in futures_util::future::join_all(calls).await {
         reply.assert_unauthorized("invalid_token", "Unable to fetch JWKS");
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(auth.jwks_fetch_count(), 1);
 }
@@ -403,4 +401,35 @@ async fn starting_against_a_dead_idp_is_not_fatal() {
     let auth = Authenticator::new(settings).unwrap();
     let error = auth.prefetch_keys().await.unwrap_err();
     assert_eq!(error.client_message(), "Unable to fetch JWKS");
+}
+
+#[tokio::test]
+async fn a_cached_token_still_expires() {
+    let idp = Idp::start(&["key-a"]).await;
+    let auth = Authenticator::new(idp.settings(&[("ARP_AUTH_CLOCK_SKEW_SECONDS", "0")])).unwrap();
+    let base = protected_app(&auth).await;
+    let key = &keys()[0];
+    let mut claims = idp.claims();
+    let exp = now() + 3;
+    claims["exp"] = json!(exp);
+    let token = key.sign(&claims);
+    call_bearer(&base, &token).await.assert_ok_as("user-42");
+    call_bearer(&base, &token).await.assert_ok_as("user-42");
+    while now() <= exp {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    call_bearer(&base, &token).await.assert_unauthorized("invalid_token", "Token expired");
+}
+
+#[tokio::test]
+async fn a_cached_token_dies_with_its_key() {
+    let (idp, base) = setup().await;
+    let token_a = keys()[0].sign(&idp.claims());
+    call_bearer(&base, &token_a).await.assert_ok_as("user-42");
+    // The IdP retires key-a; a token with a new kid makes the service reload the set.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    idp.publish(&["key-b"]);
+    call_bearer(&base, &keys()[1].sign(&idp.claims())).await.assert_ok_as("user-42");
+    assert_eq!(idp.jwks_hits(), 2);
+    call_bearer(&base, &token_a).await.assert_unauthorized("invalid_token", "Invalid token");
 }
