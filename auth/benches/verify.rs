@@ -62,17 +62,25 @@ fn bench(c: &mut Criterion) {
     });
     let issuer = format!("http://{addr}/realms/bench");
 
-    let required = Authenticator::new(
-        AuthSettings::from_vars([
-            ("ARP_AUTH_PROFILE", "enterprise".to_owned()),
-            ("ARP_AUTH_JWKS_URI", format!("http://{addr}/certs")),
-            ("ARP_AUTH_ISSUER", issuer.clone()),
-            ("ARP_AUTH_AUDIENCE", AUDIENCE.to_owned()),
-        ])
-        .unwrap(),
-    )
-    .unwrap();
-    rt.block_on(required.prefetch_keys()).unwrap();
+    let required_with = |token_cache: &str| {
+        let auth = Authenticator::new(
+            AuthSettings::from_vars([
+                ("ARP_AUTH_PROFILE", "enterprise".to_owned()),
+                ("ARP_AUTH_JWKS_URI", format!("http://{addr}/certs")),
+                ("ARP_AUTH_ISSUER", issuer.clone()),
+                ("ARP_AUTH_AUDIENCE", AUDIENCE.to_owned()),
+                ("ARP_AUTH_TOKEN_CACHE_SIZE", token_cache.to_owned()),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        rt.block_on(auth.prefetch_keys()).unwrap();
+        auth
+    };
+    // Every request pays the RS256 signature check (a token seen for the first time).
+    let required = required_with("0");
+    // The steady state with a caller that reuses its token (as OutboundAuth does).
+    let required_cached = required_with("4096");
     let disabled = Authenticator::new(
         AuthSettings::from_vars([("ARP_AUTH_PROFILE", "dev-insecure")]).unwrap(),
     )
@@ -90,7 +98,7 @@ fn bench(c: &mut Criterion) {
     let token = bearer.trim_start_matches("Bearer ").to_owned();
 
     let mut group = c.benchmark_group("request");
-    let cases: [(&str, Router, &str, Option<&str>); 5] = [
+    let cases: [(&str, Router, &str, Option<&str>); 6] = [
         ("no_auth_layer", app(None), "/v1/whoami", None),
         ("mode_disabled", app(Some(&disabled)), "/v1/whoami", None),
         (
@@ -106,8 +114,14 @@ fn bench(c: &mut Criterion) {
             None,
         ),
         (
-            "required_valid_rs256_cached_keys",
+            "required_rs256_full_verify",
             app(Some(&required)),
+            "/v1/whoami",
+            Some(&bearer),
+        ),
+        (
+            "required_rs256_reused_token",
+            app(Some(&required_cached)),
             "/v1/whoami",
             Some(&bearer),
         ),
@@ -131,14 +145,25 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
-    c.bench_function("verify_bearer_rs256_cached_keys", |b| {
+    c.bench_function("verify_bearer_rs256_full", |b| {
         b.iter(|| {
             rt.block_on(required.verify_bearer(black_box(&token)))
                 .unwrap()
         })
     });
+    c.bench_function("verify_bearer_rs256_reused", |b| {
+        b.iter(|| {
+            rt.block_on(required_cached.verify_bearer(black_box(&token)))
+                .unwrap()
+        })
+    });
     assert_eq!(
         required.jwks_fetch_count(),
+        1,
+        "keys stayed cached throughout"
+    );
+    assert_eq!(
+        required_cached.jwks_fetch_count(),
         1,
         "keys stayed cached throughout"
     );

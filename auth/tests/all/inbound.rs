@@ -418,7 +418,9 @@ async fn a_cached_token_still_expires() {
     while now() <= exp {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    call_bearer(&base, &token).await.assert_unauthorized("invalid_token", "Token expired");
+    call_bearer(&base, &token)
+        .await
+        .assert_unauthorized("invalid_token", "Token expired");
 }
 
 #[tokio::test]
@@ -429,7 +431,11 @@ async fn a_cached_token_dies_with_its_key() {
     // The IdP retires key-a; a token with a new kid makes the service reload the set.
     tokio::time::sleep(Duration::from_millis(600)).await;
     idp.publish(&["key-b"]);
-    call_bearer(&base, &keys()[1].sign(&idp.claims())).await.assert_ok_as("user-42");
+    call_bearer(&base, &keys()[1].sign(&idp.claims()))
+        .await
+        .assert_ok_as("user-42");
     assert_eq!(idp.jwks_hits(), 2);
-    call_bearer(&base, &token_a).await.assert_unauthorized("invalid_token", "Invalid token");
+    call_bearer(&base, &token_a)
+        .await
+        .assert_unauthorized("invalid_token", "Invalid token");
 }
