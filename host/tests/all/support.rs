@@ -1,0 +1,141 @@
+//! Test support: real executors on 127.0.0.1:0 with WAT packs in a temp dir.
+
+use std::time::Duration;
+
+use jarvis_atomic_executor::config::Config;
+use jarvis_atomic_executor::watpack::{WatNode, WatPack};
+use jarvis_atomic_executor::{RunningServer, wasmtime_wat};
+use serde_json::{Value, json};
+
+pub(crate) struct TestServer {
+    pub server: RunningServer,
+    pub client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Config with small, test-friendly limits.
+pub(crate) fn config() -> Config {
+    let mut config = Config::for_tests();
+    config.executor.max_concurrency = 8;
+    config.executor.max_queue = 8;
+    config.runtime.max_instances = 8;
+    config.runtime.max_memory_bytes = 16 << 20;
+    config.executor.default_timeout = Duration::from_secs(5);
+    config
+}
+
+/// Starts a server whose packs directory holds `files` (name, bytes) and
+/// waits until every pack is loaded or skipped.
+pub(crate) async fn start(mut config: Config, files: &[(&str, Vec<u8>)]) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    config.packs_dir = Some(dir.path().to_path_buf());
+    let server = RunningServer::spawn(&config).await.unwrap();
+    let registry = server.service.executor.registry().clone();
+    registry
+        .wait_loaded(tokio::time::Instant::now() + Duration::from_secs(30))
+        .await;
+    assert_eq!(registry.pending(), 0, "packs still loading after 30 s");
+    TestServer {
+        server,
+        client: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+/// A pack of one node, `test.<name>` at version 1.0.0, whose `invoke` body is `body`.
+pub(crate) fn pack(name: &str, body: &str) -> Vec<u8> {
+    pack_with(
+        WatPack::new(&format!("test.{name}"), "1.0.0"),
+        WatNode::new(&format!("test.{name}"), "1.0.0"),
+        body,
+    )
+}
+
+pub(crate) fn pack_with(pack: WatPack, node: WatNode, body: &str) -> Vec<u8> {
+    wasmtime_wat(&pack.node(node).to_wat(body)).unwrap()
+}
+
+/// A pack whose node returns the static string `text` as its outputs.
+pub(crate) fn returning(name: &str, text: &str) -> Vec<u8> {
+    let mut pack = WatPack::new(&format!("test.{name}"), "1.0.0");
+    let (ptr, len) = pack.data(text.as_bytes());
+    pack_with(
+        pack,
+        WatNode::new(&format!("test.{name}"), "1.0.0"),
+        &format!("(call $ok (i32.const {ptr}) (i32.const {len}))"),
+    )
+}
+
+pub(crate) const SPIN: &str = "(loop $spin (br $spin)) (unreachable)";
+
+pub(crate) fn request(node_run_id: &str, node: &str, version: &str, inputs: Value) -> Value {
+    json!({
+        "node_run_id": node_run_id,
+        "run_id": "run-1",
+        "node_type_ref": { "node_type_id": node, "version": version },
+        "inputs": inputs,
+    })
+}
+
+impl TestServer {
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url())
+    }
+
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap()
+            },
+        )
+    }
+
+    pub(crate) async fn execute(&self, body: &Value) -> (u16, Value) {
+        self.post("/v1/atomic-node-runs:execute", body).await
+    }
+
+    /// Executes and expects a 200 result; returns it.
+    pub(crate) async fn result(&self, body: &Value) -> Value {
+        let (status, result) = self.execute(body).await;
+        assert_eq!(status, 200, "{result}");
+        result
+    }
+
+    pub(crate) fn invocations(&self) -> u64 {
+        self.server.service.executor.invocations()
+    }
+}
+
+/// Asserts `result` is terminal with `state` and, if failed, `code`.
+#[track_caller]
+pub(crate) fn assert_outcome(result: &Value, state: &str, code: Option<&str>) {
+    assert_eq!(result["state"], state, "{result}");
+    assert_eq!(result["error"]["code"].as_str(), code, "{result}");
+    assert!(
+        result["started_at"].is_string() && result["ended_at"].is_string(),
+        "{result}"
+    );
+    if state == "succeeded" {
+        assert!(result.get("error").is_none(), "{result}");
+    } else {
+        assert!(
+            result.get("outputs").is_none(),
+            "absent outputs must be omitted: {result}"
+        );
+    }
+}
