@@ -23,7 +23,7 @@ cargo build --release -p jarvis-atomic-executor >&2
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 ours=$("$bench/start_server.sh" cmd --port 18084 --cpus 1 --log /tmp/bench-ours.log -- \
-  env LOG_LEVEL=warn target/release/jarvis-atomic-executor --port 18084 --packs nodepacks | tail -1)
+  env ARP_AUTH_PROFILE=dev-insecure target/release/jarvis-atomic-executor --port 18084 --packs nodepacks | tail -1)
 pids+=("$ours")
 targets=(--target "ours=http://127.0.0.1:18084@$ours")
 if [[ $limit == 1 ]]; then

@@ -13,7 +13,8 @@ esac
 shared=${SHARED_DIR:-../shared}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log=$(mktemp)
-"$binary" --port "$port" --packs nodepacks >"$log" 2>&1 &
+# Authentication is required by default (as in the reference); conformance runs without tokens.
+ARP_AUTH_PROFILE=dev-insecure "$binary" --port "$port" --packs nodepacks >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 100); do

@@ -24,7 +24,9 @@ fn echo(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let service = runtime.block_on(Service::start(&Config::for_tests())).expect("service");
+    let service = runtime
+        .block_on(Service::start(&Config::for_tests()))
+        .expect("service");
     let executor = service.executor.clone();
     let counter = AtomicU64::new(0);
     c.bench_function("execute echo (in-process)", |b| {

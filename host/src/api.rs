@@ -13,7 +13,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use jarvis_auth::Principal;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::executor::{ExecuteError, Executor};
 
@@ -153,14 +155,21 @@ async fn node_types(State(executor): State<Arc<Executor>>) -> Response {
 
 async fn execute(
     State(executor): State<Arc<Executor>>,
+    principal: Option<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-        _ => ApiError::InvalidRequest { message: rejection.body_text(), details: None },
+        _ => ApiError::InvalidRequest {
+            message: rejection.body_text(),
+            details: None,
+        },
     })?;
     let request = parse_execute_request(&body)?;
-    let completed = executor.execute(request).await?;
+    // The execution's log lines carry who asked for it.
+    let sub = principal.as_ref().map_or("anonymous", Principal::sub);
+    let span = tracing::info_span!("execute", principal = sub);
+    let completed = executor.execute(request).instrument(span).await?;
     Ok(json_response(StatusCode::OK, completed.json.clone()))
 }
 

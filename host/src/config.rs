@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use jarvis_auth::AuthSettings;
+
 use crate::executor::ExecutorConfig;
 use crate::runtime::RuntimeLimits;
 
@@ -88,18 +90,23 @@ pub struct Config {
     pub runtime: RuntimeLimits,
     pub compile_cache_dir: Option<PathBuf>,
     pub shutdown_grace: Duration,
+    /// Inbound authentication, from the `ARP_AUTH_*` variables.
+    pub auth: AuthSettings,
 }
 
 impl Config {
-    /// Defaults suitable for tests: port 0, no packs dir, no compile cache.
+    /// Defaults suitable for tests: port 0, no packs dir, no compile cache,
+    /// authentication off (whatever the environment says).
     pub fn for_tests() -> Self {
+        let auth = AuthSettings::from_vars([("ARP_AUTH_PROFILE", "dev-insecure")])
+            .expect("the dev-insecure profile is valid");
         Args::parse_from([
             "jarvis-atomic-executor",
             "--port",
             "0",
             "--no-compile-cache",
         ])
-        .validate()
+        .validate_with(auth)
         .map(|mut c| {
             c.packs_dir = None;
             c
@@ -109,7 +116,15 @@ impl Config {
 }
 
 impl Args {
+    /// Checks the arguments, with authentication from the `ARP_AUTH_*` variables.
     pub fn validate(self) -> Result<Config, String> {
+        let auth = AuthSettings::from_env().map_err(|e| format!("authentication: {e}"))?;
+        self.validate_with(auth)
+    }
+
+    pub fn validate_with(self, auth: AuthSettings) -> Result<Config, String> {
+        auth.validate()
+            .map_err(|e| format!("authentication: {e}"))?;
         if !(self.default_timeout_secs.is_finite() && self.default_timeout_secs > 0.0) {
             return Err(format!(
                 "JARVIS_DEFAULT_TIMEOUT_SECS / --default-timeout-secs must be a number of seconds > 0, got {}",
@@ -155,6 +170,7 @@ impl Args {
             },
             compile_cache_dir,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            auth,
         })
     }
 }

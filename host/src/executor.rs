@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::registry::{Lookup, NodeEntry, PackRegistry};
 use crate::runtime::{Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store};
@@ -148,12 +149,14 @@ impl Executor {
                         },
                     );
                     let this = self.clone();
-                    tokio::spawn(async move {
+                    let task = async move {
                         let id = request.node_run_id.clone();
                         let outcome = this.run(request, cancel, arrival).await;
                         this.finish(id, &outcome);
                         let _ = tx.send(Some(outcome));
-                    });
+                    };
+                    // The caller's span (with its principal) follows the execution.
+                    tokio::spawn(task.instrument(tracing::Span::current()));
                     rx
                 }
             }
@@ -377,14 +380,16 @@ impl Executor {
             Err((state, e)) => (state, None, Some(e)),
         };
         let ref_ = &request.node_type_ref;
-        match &error {
-            None => {
-                tracing::debug!(node_run_id = %request.node_run_id, run_id = %request.run_id, node_type_id = %ref_.node_type_id, version = %ref_.version, "execution succeeded")
-            }
-            Some(e) => {
-                tracing::info!(node_run_id = %request.node_run_id, run_id = %request.run_id, node_type_id = %ref_.node_type_id, version = %ref_.version, state = ?state, code = %e.code, "execution did not succeed")
-            }
-        }
+        // One line per execution; the enclosing span names the principal.
+        tracing::info!(
+            node_run_id = %request.node_run_id,
+            run_id = %request.run_id,
+            node_type_id = %ref_.node_type_id,
+            version = %ref_.version,
+            state = ?state,
+            code = error.as_ref().map(|e| e.code.as_str()),
+            "execution finished"
+        );
         let result = AtomicExecuteResult {
             node_run_id: request.node_run_id.clone(),
             state,

@@ -35,6 +35,7 @@ const SPARE_INSTANCES: u32 = 16;
 #[derive(Debug)]
 pub struct Service {
     pub executor: Arc<Executor>,
+    auth: jarvis_auth::Authenticator,
     _ticker: EpochTicker,
 }
 
@@ -42,6 +43,8 @@ impl Service {
     /// Builds the engine and registry, registers the built-in echo and starts
     /// loading the packs directory. Must run inside a tokio runtime.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let auth = jarvis_auth::Authenticator::new(config.auth.clone())
+            .map_err(|e| anyhow::anyhow!("authentication: {e}"))?;
         let mut limits = config.runtime.clone();
         limits.max_instances = limits.max_instances.saturating_add(SPARE_INSTANCES);
         let engine = runtime::build_engine(&limits, config.compile_cache_dir.as_deref())?;
@@ -59,12 +62,14 @@ impl Service {
         let executor = Arc::new(Executor::new(registry, config.executor.clone()));
         Ok(Self {
             executor,
+            auth,
             _ticker: ticker,
         })
     }
 
+    /// The HTTP API behind the authentication layer.
     pub fn router(&self) -> axum::Router {
-        api::router(self.executor.clone())
+        api::router(self.executor.clone()).layer(self.auth.layer())
     }
 }
 

@@ -211,3 +211,49 @@ async fn cancel_of_unknown_or_finished_ids_is_204() {
         .await;
     assert_outcome(&again, "succeeded", None);
 }
+
+#[tokio::test]
+async fn authentication_guards_execute_but_not_health() {
+    // Required mode; the key set would come from a port nobody listens on, so
+    // no token can be accepted — what matters here is the wiring.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut cfg = config();
+    cfg.auth = jarvis_auth::AuthSettings::from_vars([
+        ("ARP_AUTH_MODE", "required"),
+        (
+            "ARP_AUTH_JWKS_URI",
+            format!("http://{closed}/jwks").as_str(),
+        ),
+    ])
+    .unwrap();
+    let t = start(cfg, &[]).await;
+    let resp = t
+        .client
+        .post(t.url("/v1/atomic-node-runs:execute"))
+        .json(&request(
+            "nr-1",
+            "jarvis.core.echo",
+            "0.3.8",
+            json!({"echo": "x"}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"]["code"],
+        "unauthorized"
+    );
+    assert_eq!(t.invocations(), 0);
+    let health = t.client.get(t.url("/v1/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
