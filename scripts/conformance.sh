@@ -6,10 +6,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 service=${1:?usage: scripts/conformance.sh atomic-executor [BINARY]}
 case "$service" in
-  atomic-executor) binary=${2:-target/debug/jarvis-atomic-executor} ;;
+  atomic-executor) package=jarvis-atomic-executor ;;
   *) echo "unknown service: $service" >&2; exit 2 ;;
 esac
-[[ -x $binary ]] || cargo build -p jarvis-atomic-executor
+binary=${2:-}
+if [[ -z $binary ]]; then
+  cargo build -q -p "$package"
+  binary=target/debug/$package
+fi
 shared=${SHARED_DIR:-../shared}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log=$(mktemp)
