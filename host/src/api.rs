@@ -2,7 +2,6 @@
 //! mapping of every error to an ARP `ErrorEnvelope` with a stable code.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use arp_types::time::now_rfc3339;
 use arp_types::{AtomicExecuteRequest, ErrorEnvelope, Health, JsonObject, Status, VersionInfo};
@@ -241,6 +240,3 @@ fn invalid(message: &str, path: &str, reason: &str) -> ApiError {
         },
     }
 }
-
-/// Retry-After for overload answers.
-pub const OVERLOAD_RETRY_AFTER: Duration = Duration::from_secs(1);

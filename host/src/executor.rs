@@ -25,6 +25,9 @@ use crate::registry::{Lookup, NodeEntry, PackRegistry};
 use crate::runtime::{Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store};
 use crate::world::Invocation;
 
+/// What an `overloaded` answer tells the caller to wait before retrying.
+const OVERLOAD_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Most validation errors reported in `details.errors`.
 const MAX_REPORTED_ERRORS: usize = 16;
 
@@ -165,7 +168,7 @@ impl Executor {
             Ok(outcome) => outcome.clone().expect("wait_for checked Some"),
             // The execution task panicked: never expected, but answer rather than hang.
             Err(_) => Err(ExecuteError::Overloaded {
-                retry_after: Duration::from_secs(1),
+                retry_after: OVERLOAD_RETRY_AFTER,
             }),
         }
     }
@@ -274,7 +277,7 @@ impl Executor {
             Ok(permit) => permit,
             Err(Admission::Overloaded) => {
                 return Err(ExecuteError::Overloaded {
-                    retry_after: Duration::from_secs(1),
+                    retry_after: OVERLOAD_RETRY_AFTER,
                 });
             }
             Err(Admission::Interrupted(why)) => {

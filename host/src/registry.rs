@@ -169,13 +169,14 @@ impl PackRegistry {
         for path in files {
             let registry = self.clone();
             tokio::spawn(async move {
+                // Counted down even if loading panics, so lookups never wait in vain.
+                let _done = PendingGuard(&registry.pending);
                 match registry.load_file(&path).await {
                     Ok(nodes) => {
                         tracing::info!(file = %path.display(), nodes = ?nodes, "pack loaded")
                     }
                     Err(e) => tracing::error!(file = %path.display(), reason = %e, "pack skipped"),
                 }
-                registry.pending.send_modify(|p| *p -= 1);
             });
         }
         count
@@ -321,6 +322,14 @@ impl PackRegistry {
         index.retain(|_, list| !list.is_empty());
         *guard = Arc::new(index);
         Ok(names)
+    }
+}
+
+struct PendingGuard<'a>(&'a watch::Sender<usize>);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|p| *p -= 1);
     }
 }
 
