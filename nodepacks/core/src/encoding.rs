@@ -14,8 +14,14 @@ enum Encoding {
     Latin1,
     /// Python's `utf-16`/`utf-32` write a byte-order mark, then little-endian
     /// code units on the hosts JARVIS runs on.
-    Utf16 { bom: bool, big_endian: bool },
-    Utf32 { bom: bool, big_endian: bool },
+    Utf16 {
+        bom: bool,
+        big_endian: bool,
+    },
+    Utf32 {
+        bom: bool,
+        big_endian: bool,
+    },
 }
 
 /// Why `text` could not be encoded.
@@ -41,10 +47,20 @@ impl fmt::Display for EncodeError {
                 limit,
             } => write!(
                 f,
-                "'{codec}' codec can't encode character {character:?} in position {position}: \
-                 ordinal not in range({limit})"
+                "'{codec}' codec can't encode character '{}' in position {position}: \
+                 ordinal not in range({limit})",
+                python_escape(*character)
             ),
         }
+    }
+}
+
+/// How CPython's `UnicodeEncodeError` shows a character it could not encode.
+fn python_escape(character: char) -> String {
+    match u32::from(character) {
+        code @ 0..=0xff => format!("\\x{code:02x}"),
+        code @ 0x100..=0xffff => format!("\\u{code:04x}"),
+        code => format!("\\U{code:08x}"),
     }
 }
 
@@ -111,7 +127,27 @@ fn lookup(name: &str) -> Option<Encoding> {
         };
         Some(encoding)
     };
-    by_alias(&normalized).or_else(|| by_alias(&normalized.replace('.', "_")))
+    // CPython retries with dots as underscores, but only among aliases: a
+    // codec module's own name (`utf_8`) never matches that way.
+    const MODULE_NAMES: [&str; 9] = [
+        "utf_8",
+        "ascii",
+        "latin_1",
+        "utf_16",
+        "utf_16_le",
+        "utf_16_be",
+        "utf_32",
+        "utf_32_le",
+        "utf_32_be",
+    ];
+    by_alias(&normalized).or_else(|| {
+        let dotless = normalized.replace('.', "_");
+        if MODULE_NAMES.contains(&dotless.as_str()) {
+            None
+        } else {
+            by_alias(&dotless)
+        }
+    })
 }
 
 /// `text.encode(name)` for the encodings this pack carries.
@@ -175,7 +211,9 @@ mod tests {
     /// Names and results checked against CPython 3.11's `codecs.lookup` and `str.encode`.
     #[test]
     fn agrees_with_cpython() {
-        for name in ["utf-8", "UTF8", " utf-8 ", "utf--8", "UTF 8", "U8", "cp65001"] {
+        for name in [
+            "utf-8", "UTF8", " utf-8 ", "utf--8", "UTF 8", "U8", "cp65001",
+        ] {
             assert_eq!(lookup(name), Some(Encoding::Utf8), "{name:?}");
         }
         assert_eq!(lookup("utf.8"), None);
@@ -186,7 +224,7 @@ mod tests {
         assert_eq!(encode("é", "latin-1").unwrap(), b"\xe9");
         assert_eq!(
             encode("aé", "ascii").unwrap_err().to_string(),
-            "'ascii' codec can't encode character 'é' in position 1: ordinal not in range(128)"
+            "'ascii' codec can't encode character '\\xe9' in position 1: ordinal not in range(128)"
         );
         assert_eq!(
             encode("x", "klingon").unwrap_err().to_string(),

@@ -37,14 +37,20 @@ fn pack() -> Pack {
             .run(echo),
         )
         .node(
-            Node::new("jarvis.core.sleep", "Sleep for a number of seconds (best-effort).")
-                .input_schema(closed_object(&[
-                    ("seconds", json!({"type": ["number", "null"]})),
-                    ("duration_seconds", json!({"type": ["number", "null"]})),
-                ]))
-                .output_schema(closed_object(&[("slept_seconds", json!({"type": "number"}))]))
-                .side_effect(SideEffect::Read)
-                .run(sleep),
+            Node::new(
+                "jarvis.core.sleep",
+                "Sleep for a number of seconds (best-effort).",
+            )
+            .input_schema(closed_object(&[
+                ("seconds", json!({"type": ["number", "null"]})),
+                ("duration_seconds", json!({"type": ["number", "null"]})),
+            ]))
+            .output_schema(closed_object(&[(
+                "slept_seconds",
+                json!({"type": "number"}),
+            )]))
+            .side_effect(SideEffect::Read)
+            .run(sleep),
         )
         .node(
             Node::new("jarvis.core.uuid4", "Generate a UUIDv4 string.")

@@ -148,7 +148,10 @@ impl Node {
     {
         self.handler = Some(Box::new(move |inputs, context| {
             let inputs: I = serde_json::from_str(inputs).map_err(|error| {
-                NodeError::new("invalid_inputs", format!("inputs do not fit the node: {error}"))
+                NodeError::new(
+                    "invalid_inputs",
+                    format!("inputs do not fit the node: {error}"),
+                )
             })?;
             let outputs = handler(inputs, context)?;
             serde_json::to_string(&outputs).map_err(|error| {

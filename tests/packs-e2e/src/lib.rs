@@ -1,0 +1,1 @@
+//! End-to-end tests of the node packs in the executor; see `tests/`.
