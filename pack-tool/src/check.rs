@@ -87,25 +87,30 @@ fn check_world(component: &[u8]) -> Result<(), CheckError> {
 /// neither time nor randomness, and this proves it.
 fn call_describe(component: &[u8]) -> Result<Val, CheckError> {
     let engine = Engine::default();
-    let component =
-        Component::new(&engine, component).map_err(|error| CheckError::NotAComponent(error))?;
+    let component = Component::new(&engine, component)
+        .map_err(|error| CheckError::NotAComponent(from_wasmtime(error)))?;
     let mut linker: Linker<()> = Linker::new(&engine);
     linker
         .define_unknown_imports_as_traps(&component)
-        .map_err(CheckError::WrongWorld)?;
+        .map_err(|error| CheckError::WrongWorld(from_wasmtime(error)))?;
     let mut store = Store::new(&engine, ());
     let instance = linker
         .instantiate(&mut store, &component)
-        .map_err(CheckError::DescribeFailed)?;
+        .map_err(|error| CheckError::DescribeFailed(from_wasmtime(error)))?;
     let describe = instance
         .get_func(&mut store, "describe")
         .ok_or_else(|| CheckError::WrongWorld(anyhow::anyhow!("no `describe` export")))?;
     let mut results = [Val::Bool(false)];
     describe
         .call(&mut store, &[], &mut results)
-        .map_err(CheckError::DescribeFailed)?;
+        .map_err(|error| CheckError::DescribeFailed(from_wasmtime(error)))?;
     let [info] = results;
     Ok(info)
+}
+
+/// wasmtime 48 has its own error type; keep its whole chain in the message.
+fn from_wasmtime(error: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{error:#}")
 }
 
 fn summarize(info: &Val) -> Result<PackSummary, CheckError> {

@@ -297,6 +297,14 @@ pub fn install(component: &[u8], out_dir: &Path) -> anyhow::Result<BuiltPack> {
     let mut staged = tempfile::NamedTempFile::new_in(out_dir)
         .with_context(|| format!("writing into {}", out_dir.display()))?;
     std::io::Write::write_all(&mut staged, component)?;
+    // Temporary files are private; a pack is as readable as any build output.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        staged
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
     staged
         .persist(&path)
         .with_context(|| format!("writing {}", path.display()))?;
