@@ -17,7 +17,9 @@ pub mod core;
 pub mod time;
 
 pub use atomic::{AtomicExecuteRequest, AtomicExecuteResult};
-pub use common::{ErrorDetail, ErrorEnvelope, Extensions, Health, ResourceRef, Status, VersionInfo};
+pub use common::{
+    ErrorDetail, ErrorEnvelope, Extensions, Health, ResourceRef, Status, VersionInfo,
+};
 pub use core::{
     ConstraintEnvelope, NodeKind, NodeRunState, NodeType, NodeTypeRef, RunContext, SideEffectClass,
 };
