@@ -31,8 +31,8 @@ fn pack() -> Pack {
                 "jarvis.core.echo",
                 "Return the provided `echo` string (deterministic baseline node).",
             )
-            .input_schema(closed_object(&[("echo", json!({"type": "string"}))]))
-            .output_schema(closed_object(&[("echo", json!({"type": "string"}))]))
+            .input_schema(|| closed_object(&[("echo", json!({"type": "string"}))]))
+            .output_schema(|| closed_object(&[("echo", json!({"type": "string"}))]))
             .side_effect(SideEffect::Read)
             .run(echo),
         )
@@ -41,21 +41,20 @@ fn pack() -> Pack {
                 "jarvis.core.sleep",
                 "Sleep for a number of seconds (best-effort).",
             )
-            .input_schema(closed_object(&[
-                ("seconds", json!({"type": ["number", "null"]})),
-                ("duration_seconds", json!({"type": ["number", "null"]})),
-            ]))
-            .output_schema(closed_object(&[(
-                "slept_seconds",
-                json!({"type": "number"}),
-            )]))
+            .input_schema(|| {
+                closed_object(&[
+                    ("seconds", json!({"type": ["number", "null"]})),
+                    ("duration_seconds", json!({"type": ["number", "null"]})),
+                ])
+            })
+            .output_schema(|| closed_object(&[("slept_seconds", json!({"type": "number"}))]))
             .side_effect(SideEffect::Read)
             .run(sleep),
         )
         .node(
             Node::new("jarvis.core.uuid4", "Generate a UUIDv4 string.")
-                .input_schema(closed_object(&[]))
-                .output_schema(closed_object(&[("uuid4", json!({"type": "string"}))]))
+                .input_schema(|| closed_object(&[]))
+                .output_schema(|| closed_object(&[("uuid4", json!({"type": "string"}))]))
                 .side_effect(SideEffect::Read)
                 .run(uuid4),
         )
@@ -64,8 +63,8 @@ fn pack() -> Pack {
                 "jarvis.core.time.now",
                 "Return the current UTC time in ISO-8601 format.",
             )
-            .input_schema(closed_object(&[]))
-            .output_schema(closed_object(&[("time", json!({"type": "string"}))]))
+            .input_schema(|| closed_object(&[]))
+            .output_schema(|| closed_object(&[("time", json!({"type": "string"}))]))
             .side_effect(SideEffect::Read)
             .run(time_now),
         )
@@ -74,12 +73,14 @@ fn pack() -> Pack {
                 "jarvis.core.hash.sha256",
                 "Compute SHA-256 for text or base64 content.",
             )
-            .input_schema(closed_object(&[
-                ("content_base64", json!({"type": ["string", "null"]})),
-                ("text", json!({"type": ["string", "null"]})),
-                ("encoding", json!({"type": ["string", "null"]})),
-            ]))
-            .output_schema(closed_object(&[("sha256", json!({"type": "string"}))]))
+            .input_schema(|| {
+                closed_object(&[
+                    ("content_base64", json!({"type": ["string", "null"]})),
+                    ("text", json!({"type": ["string", "null"]})),
+                    ("encoding", json!({"type": ["string", "null"]})),
+                ])
+            })
+            .output_schema(|| closed_object(&[("sha256", json!({"type": "string"}))]))
             .side_effect(SideEffect::Read)
             .run(hash_sha256),
         )

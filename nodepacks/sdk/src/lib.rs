@@ -21,8 +21,8 @@
 //! fn pack() -> Pack {
 //!     Pack::new("acme.hello", "0.1.0").node(
 //!         Node::new("acme.hello.greet", "Greet someone by name.")
-//!             .input_schema(json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}))
-//!             .output_schema(json!({"type": "object", "properties": {"greeting": {"type": "string"}}, "required": ["greeting"]}))
+//!             .input_schema(|| json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}))
+//!             .output_schema(|| json!({"type": "object", "properties": {"greeting": {"type": "string"}}, "required": ["greeting"]}))
 //!             .side_effect(SideEffect::Read)
 //!             .run(greet),
 //!     )

@@ -1,5 +1,6 @@
 //! Declaring a pack's nodes, and answering `describe` and `invoke` from them.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
@@ -10,18 +11,22 @@ use serde_json::Value;
 use crate::bindings::{Invocation, NodeError, NodeSpec, PackInfo, SideEffect};
 
 type Handler = Box<dyn Fn(&str, &Context) -> Result<String, NodeError>>;
+type SchemaFn = Box<dyn Fn() -> Value>;
+
+/// Text that is usually a literal: borrowed for free, owned when built.
+type Text = Cow<'static, str>;
 
 /// A node pack: an id, a version and the nodes it serves.
 pub struct Pack {
-    id: String,
-    version: String,
+    id: Text,
+    version: Text,
     nodes: Vec<Node>,
 }
 
 impl Pack {
     /// A pack with no nodes yet. Nodes inherit `version` unless they set
     /// their own.
-    pub fn new(id: impl Into<String>, version: impl Into<String>) -> Self {
+    pub fn new(id: impl Into<Text>, version: impl Into<Text>) -> Self {
         Self {
             id: id.into(),
             version: version.into(),
@@ -51,14 +56,18 @@ impl fmt::Debug for Pack {
 }
 
 /// One node: what `describe` says about it and the function that runs it.
+///
+/// Every call runs in a fresh instance that builds the pack again, so what
+/// only `describe` needs — the schemas — is given as functions and built only
+/// for `describe`; `invoke` pays for the node list and nothing more.
 pub struct Node {
-    id: String,
-    version: Option<String>,
-    description: String,
-    input_schema: Value,
-    output_schema: Value,
+    id: Text,
+    version: Option<Text>,
+    description: Text,
+    input_schema: SchemaFn,
+    output_schema: SchemaFn,
     side_effect: SideEffect,
-    trust_tier: String,
+    trust_tier: Text,
     egress_policy: Option<String>,
     tags: Vec<String>,
     max_wall_time_ms: Option<u32>,
@@ -69,15 +78,15 @@ impl Node {
     /// A node that reads only, trusted as `first_party`, accepting any object
     /// and producing any object, until told otherwise. Set its function with
     /// [`Node::run`].
-    pub fn new(id: impl Into<String>, description: impl Into<String>) -> Self {
+    pub fn new(id: impl Into<Text>, description: impl Into<Text>) -> Self {
         Self {
             id: id.into(),
             version: None,
             description: description.into(),
-            input_schema: serde_json::json!({"type": "object"}),
-            output_schema: serde_json::json!({"type": "object"}),
+            input_schema: Box::new(|| serde_json::json!({"type": "object"})),
+            output_schema: Box::new(|| serde_json::json!({"type": "object"})),
             side_effect: SideEffect::Read,
-            trust_tier: "first_party".to_owned(),
+            trust_tier: Cow::Borrowed("first_party"),
             egress_policy: None,
             tags: Vec::new(),
             max_wall_time_ms: None,
@@ -86,20 +95,22 @@ impl Node {
     }
 
     /// This node's own version, instead of the pack's.
-    pub fn version(mut self, version: impl Into<String>) -> Self {
+    pub fn version(mut self, version: impl Into<Text>) -> Self {
         self.version = Some(version.into());
         self
     }
 
-    /// JSON Schema of the inputs object; the host validates against it.
-    pub fn input_schema(mut self, schema: Value) -> Self {
-        self.input_schema = schema;
+    /// JSON Schema of the inputs object, e.g. `|| json!({...})`; the host
+    /// validates against it. Called only for `describe`.
+    pub fn input_schema(mut self, schema: impl Fn() -> Value + 'static) -> Self {
+        self.input_schema = Box::new(schema);
         self
     }
 
-    /// JSON Schema of the outputs object; the host validates against it.
-    pub fn output_schema(mut self, schema: Value) -> Self {
-        self.output_schema = schema;
+    /// JSON Schema of the outputs object, e.g. `|| json!({...})`; the host
+    /// validates against it. Called only for `describe`.
+    pub fn output_schema(mut self, schema: impl Fn() -> Value + 'static) -> Self {
+        self.output_schema = Box::new(schema);
         self
     }
 
@@ -110,7 +121,7 @@ impl Node {
     }
 
     /// Who vouches for this code, e.g. `first_party`, `third_party`.
-    pub fn trust_tier(mut self, trust_tier: impl Into<String>) -> Self {
+    pub fn trust_tier(mut self, trust_tier: impl Into<Text>) -> Self {
         self.trust_tier = trust_tier.into();
         self
     }
@@ -218,19 +229,19 @@ impl Context {
 /// The world's `describe`, answered from `pack`.
 pub fn describe(pack: &Pack) -> PackInfo {
     PackInfo {
-        pack_id: pack.id.clone(),
-        pack_version: pack.version.clone(),
+        pack_id: pack.id.to_string(),
+        pack_version: pack.version.to_string(),
         nodes: pack
             .nodes
             .iter()
             .map(|node| NodeSpec {
-                node_type_id: node.id.clone(),
+                node_type_id: node.id.to_string(),
                 version: pack.node_version(node).to_owned(),
-                description: node.description.clone(),
-                input_schema: node.input_schema.to_string(),
-                output_schema: node.output_schema.to_string(),
+                description: node.description.to_string(),
+                input_schema: (node.input_schema)().to_string(),
+                output_schema: (node.output_schema)().to_string(),
                 side_effect: node.side_effect,
-                trust_tier: node.trust_tier.clone(),
+                trust_tier: node.trust_tier.to_string(),
                 egress_policy: node.egress_policy.clone(),
                 tags: node.tags.clone(),
                 max_wall_time_ms: node.max_wall_time_ms,
