@@ -1,0 +1,120 @@
+//! `jarvis-pack`: scaffold, build and check JARVIS node packs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use jarvis_pack::{BuildOptions, BuiltPack, Toolchain};
+
+/// Scaffold, build and check JARVIS node packs (jarvis:node WebAssembly components).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Create a Rust pack crate that builds as it is.
+    New {
+        /// Directory of the new pack; its name names the crate.
+        dir: PathBuf,
+        /// Dotted pack id [default: from the directory name, `acme-crm` → `acme.crm`].
+        #[arg(long)]
+        id: Option<String>,
+        /// Path to the jarvis-pack-sdk crate [default: nodepacks/sdk next to this tool's sources].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a pack (a Rust crate or workspace, or a Python `app.py`) into `<pack-id>.wasm`.
+    Build {
+        /// The pack's directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Build every pack under a nodepacks directory: its Cargo workspace and each Python pack.
+    BuildAll {
+        /// The nodepacks directory.
+        #[arg(default_value = "nodepacks")]
+        dir: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Check that components serve the jarvis:node/node-pack world and describe themselves well.
+    Check {
+        /// Component files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct OutputArgs {
+    /// Packs directory for the `.wasm` files [default: `build`: the directory holding the
+    /// pack's directory; `build-all`: the nodepacks directory].
+    #[arg(long, env = "JARVIS_PACKS_OUT")]
+    out: Option<PathBuf>,
+    /// Cargo target directory (share one to build std for wasm only once).
+    #[arg(long, env = "CARGO_TARGET_DIR")]
+    target_dir: Option<PathBuf>,
+}
+
+impl OutputArgs {
+    fn options(self, default_out: &Path) -> anyhow::Result<BuildOptions> {
+        Ok(BuildOptions {
+            out_dir: self.out.unwrap_or_else(|| default_out.to_path_buf()),
+            toolchain: Toolchain::detect()?,
+            target_dir: self.target_dir,
+        })
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Commands::New { dir, id, sdk } => {
+            let name = dir
+                .file_name()
+                .and_then(|name| name.to_str())
+                .context("the pack directory needs a UTF-8 name")?;
+            let pack_id = id.unwrap_or_else(|| jarvis_pack::pack_id_for(name));
+            let sdk = sdk.unwrap_or_else(jarvis_pack::default_sdk_path);
+            jarvis_pack::scaffold(&dir, &pack_id, &sdk)?;
+            println!(
+                "created pack {pack_id} in {}; build it with `jarvis-pack build {}`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Commands::Build { dir, output } => {
+            let dir = dir
+                .canonicalize()
+                .with_context(|| format!("{}", dir.display()))?;
+            let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+            let built = jarvis_pack::build(&dir, &output.options(&parent)?)?;
+            report(&built);
+        }
+        Commands::BuildAll { dir, output } => {
+            let options = output.options(&dir)?;
+            report(&jarvis_pack::build_all(&dir, &options)?);
+        }
+        Commands::Check { files } => {
+            for file in files {
+                let component =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                let summary = jarvis_pack::check(&component)
+                    .with_context(|| format!("{} is not a usable pack", file.display()))?;
+                println!("{}: ok, {summary}", file.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(built: &[BuiltPack]) {
+    for pack in built {
+        println!("{}: {}", pack.path.display(), pack.summary);
+    }
+}

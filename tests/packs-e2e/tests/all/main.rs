@@ -1,0 +1,6 @@
+//! One test binary for the node packs run in the executor (see the crate docs).
+
+mod core;
+mod python;
+mod scaffold;
+mod support;
