@@ -29,4 +29,4 @@ if [[ -z "${SKIP_INSTALL:-}" ]]; then
 fi
 
 cd "$root"
-cargo run --quiet --release -p jarvis-pack -- build-all "$here" "$@"
+cargo run --quiet -p jarvis-pack -- build-all "$here" "$@"

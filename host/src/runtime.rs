@@ -51,15 +51,16 @@ pub fn build_engine(
     let mut pool = PoolingAllocationConfig::new();
     let instances = limits.max_instances.max(1);
     pool.total_component_instances(instances)
-        // Components built by componentize-py or with adapters hold several
-        // core instances and memories; leave room for them.
-        .total_core_instances(instances.saturating_mul(4))
+        // A componentize-py component holds ~40 core instances (the CPython
+        // runtime and its shims); core instances only count against these
+        // totals, while memories and tables reserve address space per slot.
+        .total_core_instances(instances.saturating_mul(64))
         .total_memories(instances.saturating_mul(2))
-        .total_tables(instances.saturating_mul(4))
+        .total_tables(instances.saturating_mul(8))
         .total_stacks(instances)
         .max_memories_per_component(4)
-        .max_core_instances_per_component(32)
-        .max_tables_per_component(8)
+        .max_core_instances_per_component(128)
+        .max_tables_per_component(32)
         .max_memory_size(memory_slot)
         .max_unused_warm_slots(instances.min(64));
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
