@@ -17,7 +17,10 @@ pub struct ErrorEnvelope {
 
 impl ErrorEnvelope {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { error: ErrorDetail::new(code, message), extensions: None }
+        Self {
+            error: ErrorDetail::new(code, message),
+            extensions: None,
+        }
     }
 }
 
@@ -172,7 +175,10 @@ impl Extensions {
     /// If `key` is not namespaced: keys are written by our own code, so a bad
     /// one is a programming error.
     pub fn insert(&mut self, key: &str, value: serde_json::Value) {
-        assert!(is_namespaced_key(key), "extension key {key:?} is not namespaced");
+        assert!(
+            is_namespaced_key(key),
+            "extension key {key:?} is not namespaced"
+        );
         self.0.insert(key.to_owned(), value);
     }
 
@@ -210,7 +216,9 @@ pub fn is_namespaced_key(key: &str) -> bool {
     }
     // A dot after the first character with at least one character after it;
     // the first such dot is the most permissive choice.
-    rest.iter().position(|&b| b == b'.').is_some_and(|i| i + 1 < rest.len())
+    rest.iter()
+        .position(|&b| b == b'.')
+        .is_some_and(|i| i + 1 < rest.len())
 }
 
 #[cfg(test)]
@@ -220,7 +228,14 @@ mod tests {
     #[test]
     fn namespaced_keys_follow_the_spec_pattern() {
         // Checked against the spec's regex by hand: "a.b." is "a" + "." + "b.".
-        for good in ["jarvis.constraints", "a.b", "com.example.x-y_z", "a..b", "a.b.", "a.."] {
+        for good in [
+            "jarvis.constraints",
+            "a.b",
+            "com.example.x-y_z",
+            "a..b",
+            "a.b.",
+            "a..",
+        ] {
             assert!(is_namespaced_key(good), "{good}");
         }
         for bad in ["", "plain", ".a", "a.", "-a.b", "a b.c", "a.b c", "a/b.c"] {

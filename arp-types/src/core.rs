@@ -187,7 +187,10 @@ impl ConstraintEnvelope {
         if let Some(c) = &self.candidates
             && c.max_candidates_per_subtask == Some(0)
         {
-            return Err(("constraints.candidates.max_candidates_per_subtask", "must be >= 1"));
+            return Err((
+                "constraints.candidates.max_candidates_per_subtask",
+                "must be >= 1",
+            ));
         }
         if let Some(b) = &self.budgets
             && let Some(cost) = b.max_cost
