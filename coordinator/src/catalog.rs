@@ -2,11 +2,14 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arp_types::{ConstraintEnvelope, NodeKind, NodeType, NodeTypeRef};
 
-use crate::clients::{AtomicExecutorClient, CompositeExecutorClient, NodeRegistryClient};
+use crate::clients::{
+    AtomicExecutorClient, CallError, CompositeExecutorClient, NodeRegistryClient,
+};
 
 /// How long a fetched node type (or executor listing) is trusted.
 const TTL: Duration = Duration::from_secs(30);
@@ -19,6 +22,8 @@ pub struct NodeTypeInfo {
     /// `None` when no source knows the type and its id has no `atomic.`/`composite.` prefix.
     pub kind: Option<NodeKind>,
     pub constraints: Option<ConstraintEnvelope>,
+    /// A source could not be reached: an unknown kind may become known later.
+    pub sources_unreachable: bool,
 }
 
 #[derive(Debug)]
@@ -30,6 +35,8 @@ pub struct NodeCatalog {
     listing: tokio::sync::Mutex<Option<Instant>>,
     /// Node types the executors list, by id then version.
     listed: RwLock<HashMap<String, Vec<NodeType>>>,
+    listing_unreachable: AtomicBool,
+    registry_unreachable: AtomicBool,
 }
 
 impl NodeCatalog {
@@ -45,23 +52,27 @@ impl NodeCatalog {
             registry_cache: RwLock::default(),
             listing: tokio::sync::Mutex::new(None),
             listed: RwLock::default(),
+            listing_unreachable: AtomicBool::new(false),
+            registry_unreachable: AtomicBool::new(false),
         }
     }
 
     pub async fn lookup(&self, node_type_ref: &NodeTypeRef) -> NodeTypeInfo {
-        if let Some(info) = self.from_registry(node_type_ref).await {
+        if let Some(info) = self.lookup_registry(node_type_ref).await {
             return info;
         }
-        if let Some(info) = self.from_executors(node_type_ref).await {
+        if let Some(info) = self.lookup_executors(node_type_ref).await {
             return info;
         }
         NodeTypeInfo {
             kind: infer_kind(&node_type_ref.node_type_id),
             constraints: None,
+            sources_unreachable: self.registry_unreachable.load(Ordering::Relaxed)
+                || self.listing_unreachable.load(Ordering::Relaxed),
         }
     }
 
-    async fn from_registry(&self, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
+    async fn lookup_registry(&self, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
         let registry = self.registry.as_ref()?;
         let key = (r.node_type_id.clone(), r.version.clone());
         if let Some((at, info)) = self.registry_cache.read().unwrap().get(&key)
@@ -71,9 +82,11 @@ impl NodeCatalog {
         }
         match registry.node_type(&r.node_type_id, &r.version).await {
             Ok(node_type) => {
+                self.registry_unreachable.store(false, Ordering::Relaxed);
                 let info = NodeTypeInfo {
                     kind: Some(node_type.kind),
                     constraints: node_type.constraints,
+                    sources_unreachable: false,
                 };
                 self.registry_cache
                     .write()
@@ -82,13 +95,16 @@ impl NodeCatalog {
                 Some(info)
             }
             Err(err) => {
+                let unreachable = matches!(err, CallError::Transient { .. });
+                self.registry_unreachable
+                    .store(unreachable, Ordering::Relaxed);
                 tracing::debug!(node_type_id = %r.node_type_id, error = %err, "node registry lookup failed");
                 None
             }
         }
     }
 
-    async fn from_executors(&self, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
+    async fn lookup_executors(&self, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
         if self.atomic.is_none() && self.composite.is_none() {
             return None;
         }
@@ -115,6 +131,7 @@ impl NodeCatalog {
         Some(NodeTypeInfo {
             kind: Some(node_type.kind),
             constraints: exact.and_then(|t| t.constraints.clone()),
+            sources_unreachable: false,
         })
     }
 
@@ -126,23 +143,32 @@ impl NodeCatalog {
             return;
         }
         let mut listed: HashMap<String, Vec<NodeType>> = HashMap::new();
-        if let Some(atomic) = &self.atomic {
-            match atomic.node_types().await {
-                Ok(types) => types
-                    .into_iter()
-                    .for_each(|t| listed.entry(t.node_type_id.clone()).or_default().push(t)),
-                Err(err) => tracing::debug!(error = %err, "atomic executor node types unavailable"),
+        let mut unreachable = false;
+        let mut add = |result: Result<Vec<NodeType>, CallError>, service: &str| match result {
+            Ok(types) => types
+                .into_iter()
+                .for_each(|t| listed.entry(t.node_type_id.clone()).or_default().push(t)),
+            Err(err) => {
+                unreachable |= matches!(err, CallError::Transient { .. });
+                tracing::debug!(error = %err, service, "node types unavailable");
             }
+        };
+        if let Some(atomic) = &self.atomic {
+            add(atomic.node_types().await, "atomic executor");
         }
         if let Some(composite) = &self.composite {
-            match composite.node_types().await {
-                Ok(types) => types
-                    .into_iter()
-                    .for_each(|t| listed.entry(t.node_type_id.clone()).or_default().push(t)),
-                Err(err) => {
-                    tracing::debug!(error = %err, "composite executor node types unavailable")
-                }
+            add(composite.node_types().await, "composite executor");
+        }
+        self.listing_unreachable
+            .store(unreachable, Ordering::Relaxed);
+        if unreachable {
+            // Keep what an unreachable executor listed before.
+            let mut old = self.listed.write().unwrap();
+            for (id, types) in listed {
+                old.insert(id, types);
             }
+            *last = Some(Instant::now());
+            return;
         }
         *self.listed.write().unwrap() = listed;
         *last = Some(Instant::now());

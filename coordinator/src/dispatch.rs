@@ -15,6 +15,7 @@ use arp_types::{AtomicExecuteRequest, ConstraintEnvelope, ErrorDetail, NodeKind,
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::catalog::NodeTypeInfo;
 use crate::clients::CallError;
 use crate::constraints;
 use crate::coordinator::{
@@ -115,23 +116,21 @@ fn overdue(conn: &rusqlite::Connection, before: i64) -> Result<Vec<String>, Stor
 
 /// What dispatching decided before the executor call.
 enum Begin {
-    Execute {
-        node_run: NodeRun,
-        run: Run,
-        deadline_at: i64,
-    },
+    Execute(Box<Execution>),
     Stop,
+}
+
+struct Execution {
+    node_run: NodeRun,
+    run: Run,
+    deadline_at: i64,
 }
 
 async fn dispatch(coord: &Arc<Coordinator>, node_run_id: &str) {
     let result = match begin(coord, node_run_id).await {
-        Ok(Begin::Execute {
-            node_run,
-            run,
-            deadline_at,
-        }) => match node_run.kind {
-            Some(NodeKind::Atomic) => execute_atomic(coord, node_run, run, deadline_at).await,
-            Some(NodeKind::Composite) => begin_composite(coord, node_run, run, deadline_at).await,
+        Ok(Begin::Execute(execution)) => match execution.node_run.kind {
+            Some(NodeKind::Atomic) => execute_atomic(coord, *execution).await,
+            Some(NodeKind::Composite) => begin_composite(coord, *execution).await,
             None => Ok(()),
         },
         Ok(Begin::Stop) => Ok(()),
@@ -157,7 +156,7 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
     let node_run = &row.node_run;
     let info = match node_run.kind {
         Some(_) => None,
-        None => Some(coord.catalog.lookup(&node_run.node_type_ref).await),
+        None => Some(resolve_node_type(coord, node_run, row.deadline_at).await),
     };
     let Some(kind) = node_run.kind.or(info.as_ref().and_then(|i| i.kind)) else {
         fail(
@@ -260,17 +259,48 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
             });
             tx.update_node_run(&node_run)?;
             Ok((
-                Begin::Execute {
+                Begin::Execute(Box::new(Execution {
                     node_run,
                     run,
                     deadline_at: row.deadline_at,
-                },
+                })),
                 Vec::new(),
             ))
         })
         .await?;
     coord.cancel_at_executors(cancels);
     Ok(begin)
+}
+
+/// Looks the node type up, again and again while its sources are unreachable
+/// (an executor that is down cannot list its nodes yet), until the deadline.
+async fn resolve_node_type(
+    coord: &Arc<Coordinator>,
+    node_run: &NodeRun,
+    deadline_at: i64,
+) -> NodeTypeInfo {
+    for n in 0u32.. {
+        let info = coord.catalog.lookup(&node_run.node_type_ref).await;
+        if info.kind.is_some() || !info.sources_unreachable || now_ms() >= deadline_at {
+            return info;
+        }
+        tokio::time::sleep(backoff(n, None, deadline_at)).await;
+        match coord.store.get_node_run(node_run.node_run_id.clone()).await {
+            Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
+            _ => return info,
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Exponential backoff with full jitter, at least `retry_after`, at most until the deadline.
+fn backoff(attempt: u32, retry_after: Option<Duration>, deadline_at: i64) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(BACKOFF_MAX);
+    let jittered = Duration::from_millis(rand::rng().random_range(0..=ceiling.as_millis() as u64));
+    let wait = retry_after.map_or(jittered, |r| r.max(jittered));
+    wait.min(Duration::from_millis((deadline_at - now_ms()).max(0) as u64))
 }
 
 fn candidate_violation(
@@ -346,14 +376,7 @@ where
                 retry_after
             }
         };
-        let ceiling = BACKOFF_BASE
-            .saturating_mul(2u32.saturating_pow(n.min(16)))
-            .min(BACKOFF_MAX);
-        let jittered =
-            Duration::from_millis(rand::rng().random_range(0..=ceiling.as_millis() as u64));
-        let wait = retry_after.map_or(jittered, |r| r.max(jittered));
-        let remaining = Duration::from_millis((deadline_at - now_ms()).max(0) as u64);
-        tokio::time::sleep(wait.min(remaining)).await;
+        tokio::time::sleep(backoff(n, retry_after, deadline_at)).await;
         match coord.store.get_node_run(node_run_id.to_owned()).await {
             Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
             _ => return Ok(None),
@@ -366,12 +389,12 @@ where
     .with_retryable(true))
 }
 
-async fn execute_atomic(
-    coord: &Arc<Coordinator>,
-    node_run: NodeRun,
-    run: Run,
-    deadline_at: i64,
-) -> Result<(), StoreError> {
+async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Result<(), StoreError> {
+    let Execution {
+        node_run,
+        run,
+        deadline_at,
+    } = execution;
     let Some(atomic) = coord.atomic.clone() else {
         return Ok(());
     };
@@ -438,12 +461,12 @@ async fn execute_atomic(
     Ok(())
 }
 
-async fn begin_composite(
-    coord: &Arc<Coordinator>,
-    node_run: NodeRun,
-    run: Run,
-    deadline_at: i64,
-) -> Result<(), StoreError> {
+async fn begin_composite(coord: &Arc<Coordinator>, execution: Execution) -> Result<(), StoreError> {
+    let Execution {
+        node_run,
+        run,
+        deadline_at,
+    } = execution;
     let Some(composite) = coord.composite.clone() else {
         return Ok(());
     };

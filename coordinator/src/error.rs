@@ -10,14 +10,15 @@ use crate::store::StoreError;
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub detail: ErrorDetail,
+    /// Boxed: an error travels through many `Result`s and should stay small.
+    pub detail: Box<ErrorDetail>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         Self {
             status,
-            detail: ErrorDetail::new(code, message),
+            detail: Box::new(ErrorDetail::new(code, message)),
         }
     }
 
@@ -66,7 +67,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&ErrorEnvelope {
-            error: self.detail,
+            error: *self.detail,
             extensions: None,
         })
         .unwrap_or_else(|_| br#"{"error":{"code":"internal_error","message":"error"}}"#.to_vec());

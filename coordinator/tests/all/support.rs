@@ -1,6 +1,6 @@
 //! Test harness: coordinators on port 0, a test Composite Executor, HTTP helpers.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,7 +55,6 @@ pub fn config(db: &Path, opts: &Options) -> Config {
 #[derive(Debug)]
 pub struct Coordinator {
     pub url: String,
-    pub db: PathBuf,
     pub http: reqwest::Client,
     _stop: oneshot::Sender<()>,
     _dir: Option<tempfile::TempDir>,
@@ -79,7 +78,7 @@ impl Coordinator {
         }));
         Self {
             url,
-            db: db.to_owned(),
+
             http: client(),
             _stop: stop,
             _dir: None,
