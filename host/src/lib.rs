@@ -1,0 +1,110 @@
+//! The JARVIS atomic executor: an ARP spec/v1 Atomic Executor whose nodes are
+//! WebAssembly components ("node packs") loaded from a directory, each
+//! execution in a fresh sandbox with time and memory limits.
+//!
+//! # Layout
+//! - [`config`]: command line and environment, validated into one `Config`.
+//! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
+//! - [`runtime`]: wasmtime engine, epoch ticker, store state and host grants.
+//! - [`registry`]: loads packs, asks them to describe themselves, indexes nodes.
+//! - [`executor`]: admission, sandboxed execution, limits, cancel, retries.
+//! - [`api`]: the HTTP API and its ARP error envelopes.
+//! - [`watpack`]: packs written as WAT (the built-in echo, test guests).
+
+pub mod api;
+pub mod config;
+pub mod executor;
+pub mod registry;
+pub mod runtime;
+pub mod watpack;
+pub mod world;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::executor::Executor;
+use crate::registry::{BUILTIN_SOURCE, PackRegistry};
+use crate::runtime::EpochTicker;
+
+/// Instances beyond the concurrency cap, for `describe` calls while loading.
+const SPARE_INSTANCES: u32 = 16;
+
+/// A ready executor: registry with the built-ins, packs loading in the
+/// background, and the epoch ticker that enforces time limits.
+#[derive(Debug)]
+pub struct Service {
+    pub executor: Arc<Executor>,
+    _ticker: EpochTicker,
+}
+
+impl Service {
+    /// Builds the engine and registry, registers the built-in echo and starts
+    /// loading the packs directory. Must run inside a tokio runtime.
+    pub async fn start(config: &Config) -> anyhow::Result<Self> {
+        let mut limits = config.runtime.clone();
+        limits.max_instances = limits.max_instances.saturating_add(SPARE_INSTANCES);
+        let engine = runtime::build_engine(&limits, config.compile_cache_dir.as_deref())?;
+        let ticker = EpochTicker::start(engine.clone());
+        let registry = Arc::new(PackRegistry::new(engine, limits)?);
+        let builtin = wasmtime_wat(&watpack::builtin_echo_wat())?;
+        registry
+            .load_bytes(BUILTIN_SOURCE, &builtin)
+            .await
+            .map_err(|e| anyhow::anyhow!("the built-in echo pack failed to load: {e}"))?;
+        if let Some(dir) = &config.packs_dir {
+            let found = registry.load_dir_in_background(dir);
+            tracing::info!(dir = %dir.display(), files = found, "loading packs");
+        }
+        let executor = Arc::new(Executor::new(registry, config.executor.clone()));
+        Ok(Self {
+            executor,
+            _ticker: ticker,
+        })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.executor.clone())
+    }
+}
+
+/// Turns WAT text into wasm bytes.
+pub fn wasmtime_wat(text: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(wat::parse_str(text)?)
+}
+
+/// A service listening on a real socket, for tests and embedding.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub service: Service,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Starts a server for `config` on `config.host:config.port` (port 0 for any).
+    pub async fn spawn(config: &Config) -> anyhow::Result<Self> {
+        let service = Service::start(config).await?;
+        let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
+        let addr = listener.local_addr()?;
+        let app = service.router();
+        let handle = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            addr,
+            service,
+            handle,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}

@@ -1,1 +1,92 @@
-fn main(){}
+//! `jarvis-atomic-executor`: serves the ARP Atomic Executor API over HTTP.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use jarvis_atomic_executor::Service;
+use jarvis_atomic_executor::config::Args;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    // LOG_LEVEL is what the Python services read; RUST_LOG wins when set.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(
+            std::env::var("LOG_LEVEL")
+                .unwrap_or_else(|_| "info".into())
+                .to_lowercase(),
+        )
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let config = match Args::parse().validate() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("jarvis-atomic-executor: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("jarvis-atomic-executor: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jarvis-atomic-executor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: jarvis_atomic_executor::config::Config) -> anyhow::Result<()> {
+    let service = Service::start(&config).await?;
+    let listener = tokio::net::TcpListener::bind((config.host, config.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
+    tracing::info!(addr = %listener.local_addr()?, "jarvis-atomic-executor listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = config.shutdown_grace;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: no new connections, draining requests"
+        );
+        let _ = stop_tx.send(());
+        // A second signal, or the grace period running out, ends the process.
+        tokio::select! {
+            _ = shutdown_signal() => tracing::warn!("second signal: exiting now"),
+            _ = tokio::time::sleep(grace) => tracing::warn!("grace period over: exiting with requests in flight"),
+        }
+        std::process::exit(1);
+    });
+    axum::serve(listener, service.router())
+        .with_graceful_shutdown(async {
+            let _ = stop_rx.await;
+        })
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,233 @@
+//! The ARP Atomic Executor HTTP API (axum): routes, request parsing and the
+//! mapping of every error to an ARP `ErrorEnvelope` with a stable code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arp_types::time::now_rfc3339;
+use arp_types::{AtomicExecuteRequest, ErrorEnvelope, Health, JsonObject, Status, VersionInfo};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::executor::{ExecuteError, Executor};
+
+pub const SERVICE_NAME: &str = "jarvis-atomic-executor";
+
+/// The service's router over `executor`.
+pub fn router(executor: Arc<Executor>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/version", get(version))
+        .route("/v1/node-types", get(node_types))
+        .route("/v1/atomic-node-runs:execute", post(execute))
+        .route("/v1/atomic-node-runs/{action}", post(node_run_action))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(executor)
+}
+
+/// Every way a request can fail before (or instead of) an execution result.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        details: Option<JsonObject>,
+    },
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Execute(#[from] ExecuteError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let (status, code, details, retry_after) = match self {
+            ApiError::InvalidRequest { details, .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request", details, None)
+            }
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                None,
+                None,
+            ),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", None, None),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                None,
+                None,
+            ),
+            ApiError::Execute(ExecuteError::Overloaded { retry_after }) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                None,
+                Some(retry_after),
+            ),
+            ApiError::Execute(ExecuteError::Conflict(_)) => {
+                (StatusCode::CONFLICT, "node_run_id_conflict", None, None)
+            }
+        };
+        let mut envelope = ErrorEnvelope::new(code, message);
+        envelope.error.details = details;
+        if retry_after.is_some() {
+            envelope.error.retryable = Some(true);
+        }
+        let mut response = json_response(
+            status,
+            serde_json::to_vec(&envelope).expect("envelopes serialize"),
+        );
+        if let Some(after) = retry_after {
+            let secs = after.as_secs().max(1).to_string();
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&secs).expect("digits"),
+            );
+        }
+        response
+    }
+}
+
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = Response::new(body.into());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn health(State(executor): State<Arc<Executor>>) -> Response {
+    let pending = executor.registry().pending();
+    let check = if pending == 0 {
+        json!({ "name": "packs", "status": "ok" })
+    } else {
+        json!({ "name": "packs", "status": "degraded", "message": format!("{pending} pack file(s) still loading") })
+    };
+    let health = Health {
+        status: Status::Ok,
+        time: now_rfc3339(),
+        checks: Some(vec![serde_json::from_value(check).expect("valid check")]),
+        extensions: None,
+    };
+    json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&health).expect("health serializes"),
+    )
+}
+
+async fn version() -> Response {
+    let info = VersionInfo {
+        service_name: SERVICE_NAME.into(),
+        service_version: env!("CARGO_PKG_VERSION").into(),
+        supported_api_versions: vec!["v1".into()],
+        build: None,
+        extensions: None,
+    };
+    json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&info).expect("version serializes"),
+    )
+}
+
+async fn node_types(State(executor): State<Arc<Executor>>) -> Response {
+    let types = executor.registry().node_types();
+    json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&types).expect("node types serialize"),
+    )
+}
+
+async fn execute(
+    State(executor): State<Arc<Executor>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request = parse_execute_request(&body.map_err(|_| ApiError::PayloadTooLarge)?)?;
+    let completed = executor.execute(request).await?;
+    Ok(json_response(StatusCode::OK, completed.json.clone()))
+}
+
+/// `POST /v1/atomic-node-runs/{node_run_id}:cancel`. The id and the action
+/// share one path segment, so the split happens here.
+async fn node_run_action(
+    State(executor): State<Arc<Executor>>,
+    Path(action): Path<String>,
+) -> Response {
+    match action.rsplit_once(':') {
+        Some((node_run_id, "cancel")) if !node_run_id.is_empty() => {
+            if executor.cancel(node_run_id) {
+                tracing::info!(node_run_id, "cancellation requested");
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => ApiError::NotFound.into_response(),
+    }
+}
+
+/// Parses and checks an `AtomicExecuteRequest`, reporting where it is wrong.
+pub fn parse_execute_request(body: &[u8]) -> Result<AtomicExecuteRequest, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let request: AtomicExecuteRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        invalid(
+            "request body is not a valid AtomicExecuteRequest",
+            &e.path().to_string(),
+            &e.inner().to_string(),
+        )
+    })?;
+    de.end().map_err(|e| {
+        invalid(
+            "request body is not a valid AtomicExecuteRequest",
+            "$",
+            &e.to_string(),
+        )
+    })?;
+    if let Some(constraints) = &request.constraints
+        && let Err((path, message)) = constraints.validate()
+    {
+        return Err(invalid(
+            "request body is not a valid AtomicExecuteRequest",
+            path,
+            message,
+        ));
+    }
+    if request.node_run_id.is_empty() {
+        return Err(invalid(
+            "node_run_id must not be empty",
+            "node_run_id",
+            "must not be empty",
+        ));
+    }
+    Ok(request)
+}
+
+fn invalid(message: &str, path: &str, reason: &str) -> ApiError {
+    let path = if matches!(path, "" | "." | "?") {
+        "$".to_owned()
+    } else {
+        path.to_owned()
+    };
+    let details = json!({ "errors": [{ "path": path, "message": reason }] });
+    ApiError::InvalidRequest {
+        message: message.into(),
+        details: match details {
+            Value::Object(map) => Some(map),
+            _ => None,
+        },
+    }
+}
+
+/// Retry-After for overload answers.
+pub const OVERLOAD_RETRY_AFTER: Duration = Duration::from_secs(1);

@@ -1,0 +1,561 @@
+//! Executes atomic NodeRuns: admission, one fresh sandbox per execution, time
+//! and memory limits, cancellation, and safe retries of the same NodeRun.
+//!
+//! Every execution runs in a task of its own, so a caller that disconnects
+//! does not stop it; a retry with the same `node_run_id` and request attaches
+//! to it (or, shortly after it ends, gets the recorded result) instead of
+//! running the node twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arp_types::time::now_rfc3339;
+use arp_types::{AtomicExecuteRequest, AtomicExecuteResult, ErrorDetail, JsonObject, NodeRunState};
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use wasmtime::Store;
+use wasmtime::UpdateDeadline;
+
+use crate::registry::{Lookup, NodeEntry, PackRegistry};
+use crate::runtime::{MemoryLimitExceeded, StoreState};
+use crate::world::Invocation;
+
+/// Most validation errors reported in `details.errors`.
+const MAX_REPORTED_ERRORS: usize = 16;
+
+/// Operator limits on executions.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Time limit when neither the request nor the node sets a smaller one.
+    pub default_timeout: Duration,
+    /// Executions holding a sandbox at once.
+    pub max_concurrency: usize,
+    /// Requests that may wait for a slot; more are answered `overloaded`.
+    pub max_queue: usize,
+    /// Longest a request waits for a slot before `overloaded`.
+    pub queue_timeout: Duration,
+    /// How long a finished result is kept for retries of the same NodeRun.
+    pub retention: Duration,
+    /// How many finished results are kept at most.
+    pub retention_max: usize,
+}
+
+/// A finished execution: the result and its JSON, serialized once.
+#[derive(Debug)]
+pub struct Completed {
+    pub result: AtomicExecuteResult,
+    pub json: Bytes,
+}
+
+/// Why an execute call got no result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecuteError {
+    #[error("the executor is at capacity")]
+    Overloaded { retry_after: Duration },
+    #[error("node_run_id {0} is already used by a different request")]
+    Conflict(String),
+}
+
+type Shared = Result<Arc<Completed>, ExecuteError>;
+
+struct Execution {
+    fingerprint: u64,
+    cancel: CancellationToken,
+    result: watch::Receiver<Option<Shared>>,
+}
+
+#[derive(Default)]
+struct Executions {
+    live: HashMap<String, Execution>,
+    /// Finished ids, oldest first, for pruning.
+    finished: VecDeque<(Instant, String)>,
+}
+
+/// Runs atomic NodeRuns against the packs of a [`PackRegistry`].
+pub struct Executor {
+    registry: Arc<PackRegistry>,
+    config: ExecutorConfig,
+    permits: Arc<Semaphore>,
+    queued: AtomicUsize,
+    executions: Mutex<Executions>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a guest call ended before it produced a value.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum Interrupted {
+    #[error("time limit reached")]
+    Timeout,
+    #[error("canceled")]
+    Canceled,
+}
+
+impl Executor {
+    pub fn new(registry: Arc<PackRegistry>, config: ExecutorConfig) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
+            registry,
+            config,
+            queued: AtomicUsize::new(0),
+            executions: Mutex::new(Executions::default()),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<PackRegistry> {
+        &self.registry
+    }
+
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.config
+    }
+
+    /// Executions running now (holding a sandbox).
+    pub fn running(&self) -> usize {
+        self.config.max_concurrency.max(1) - self.permits.available_permits()
+    }
+
+    /// Executes `request`, or attaches to the execution of the same NodeRun.
+    pub async fn execute(self: &Arc<Self>, request: AtomicExecuteRequest) -> Shared {
+        let arrival = Instant::now();
+        let fingerprint = fingerprint(&request);
+        let mut rx = {
+            let mut executions = self.lock();
+            self.prune(&mut executions, arrival);
+            match executions.live.get(&request.node_run_id) {
+                Some(e) if e.fingerprint != fingerprint => {
+                    return Err(ExecuteError::Conflict(request.node_run_id));
+                }
+                Some(e) => e.result.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    let cancel = CancellationToken::new();
+                    executions.live.insert(
+                        request.node_run_id.clone(),
+                        Execution {
+                            fingerprint,
+                            cancel: cancel.clone(),
+                            result: rx.clone(),
+                        },
+                    );
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let id = request.node_run_id.clone();
+                        let outcome = this.run(request, cancel, arrival).await;
+                        this.finish(id, &outcome);
+                        let _ = tx.send(Some(outcome));
+                    });
+                    rx
+                }
+            }
+        };
+        match rx.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().expect("wait_for checked Some"),
+            // The execution task panicked: never expected, but answer rather than hang.
+            Err(_) => Err(ExecuteError::Overloaded {
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// Cancels the execution of `node_run_id` if it is still running.
+    /// Unknown and finished NodeRuns are left alone.
+    pub fn cancel(&self, node_run_id: &str) -> bool {
+        let executions = self.lock();
+        match executions.live.get(node_run_id) {
+            Some(e) if e.result.borrow().is_none() => {
+                e.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Executions> {
+        self.executions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a finished execution for retries, or forgets one that got no
+    /// result (overloaded) so a retry can run it.
+    fn finish(&self, node_run_id: String, outcome: &Shared) {
+        let mut executions = self.lock();
+        if outcome.is_ok() {
+            executions.finished.push_back((Instant::now(), node_run_id));
+        } else {
+            executions.live.remove(&node_run_id);
+        }
+    }
+
+    fn prune(&self, executions: &mut Executions, now: Instant) {
+        while let Some((at, _)) = executions.finished.front() {
+            let expired = now.duration_since(*at) > self.config.retention;
+            if !expired && executions.finished.len() <= self.config.retention_max {
+                break;
+            }
+            let (_, id) = executions.finished.pop_front().expect("front exists");
+            executions.live.remove(&id);
+        }
+    }
+
+    async fn run(
+        &self,
+        request: AtomicExecuteRequest,
+        cancel: CancellationToken,
+        arrival: Instant,
+    ) -> Shared {
+        let started_at = now_rfc3339();
+        let ref_ = &request.node_type_ref;
+        let mut limit = self.config.default_timeout;
+        if let Some(ms) = request
+            .constraints
+            .as_ref()
+            .and_then(|c| c.max_wall_time_ms())
+        {
+            limit = limit.min(Duration::from_millis(ms));
+        }
+        let mut deadline = arrival + limit;
+
+        let mut lookup = self.registry.lookup(&ref_.node_type_id, &ref_.version);
+        if !matches!(lookup, Lookup::Found(_)) && self.registry.pending() > 0 {
+            // Packs are still loading: the node may be on its way.
+            self.registry.wait_loaded(deadline).await;
+            lookup = self.registry.lookup(&ref_.node_type_id, &ref_.version);
+        }
+        let entry = match lookup {
+            Lookup::Found(entry) => entry,
+            Lookup::UnknownNode => {
+                let error = ErrorDetail::new(
+                    "unknown_node_type",
+                    format!("Unknown node_type_id: {}", ref_.node_type_id),
+                );
+                return Ok(self.complete(&request, started_at, Err(error)));
+            }
+            Lookup::UnknownVersion { available } => {
+                let error = ErrorDetail::new(
+                    "unknown_node_version",
+                    format!(
+                        "{} is not served at version {}",
+                        ref_.node_type_id, ref_.version
+                    ),
+                )
+                .with_details(object(
+                    json!({ "requested": ref_.version, "available": available }),
+                ));
+                return Ok(self.complete(&request, started_at, Err(error)));
+            }
+        };
+        if let Some(node_limit) = entry.max_wall_time {
+            deadline = deadline.min(arrival + node_limit);
+        }
+
+        let inputs = Value::Object(request.inputs.clone());
+        if !entry.input_schema.is_valid(&inputs) {
+            let error = ErrorDetail::new(
+                "invalid_inputs",
+                "inputs do not match the node's input schema",
+            )
+            .with_details(schema_errors(&entry.input_schema, &inputs));
+            return Ok(self.complete(&request, started_at, Err(error)));
+        }
+
+        let _permit = match self.admit(deadline, &cancel).await {
+            Ok(permit) => permit,
+            Err(Admission::Overloaded) => {
+                return Err(ExecuteError::Overloaded {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            Err(Admission::Interrupted(why)) => {
+                return Ok(self.complete(&request, started_at, Err(interrupted_error(why, limit))));
+            }
+        };
+
+        let outcome = self
+            .invoke(&entry, &request, &inputs, deadline, &cancel)
+            .await;
+        let outcome = outcome.and_then(|text| check_outputs(&entry, &text));
+        Ok(self.complete(
+            &request,
+            started_at,
+            outcome.map_err(|e| e.into_detail(limit)),
+        ))
+    }
+
+    /// Waits for a sandbox slot within the queue's bounds.
+    async fn admit(
+        &self,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<OwnedSemaphorePermit, Admission> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queue {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Admission::Overloaded);
+        }
+        let _queued = QueueSlot(&self.queued);
+        tokio::select! {
+            permit = self.permits.clone().acquire_owned() => permit.map_err(|_| Admission::Overloaded),
+            _ = tokio::time::sleep(self.config.queue_timeout) => Err(Admission::Overloaded),
+            _ = tokio::time::sleep_until(deadline) => Err(Admission::Interrupted(Interrupted::Timeout)),
+            _ = cancel.cancelled() => Err(Admission::Interrupted(Interrupted::Canceled)),
+        }
+    }
+
+    /// Runs the guest in a fresh store; returns its outputs as JSON text.
+    async fn invoke(
+        &self,
+        entry: &NodeEntry,
+        request: &AtomicExecuteRequest,
+        inputs: &Value,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<String, Failure> {
+        let limits = self.registry.limits();
+        let state = StoreState::new(
+            limits,
+            Arc::from(request.node_run_id.as_str()),
+            entry.node_type_id.clone(),
+        );
+        let mut store = Store::new(self.registry.engine(), state);
+        store.limiter(|s| s);
+        // A running guest checks in at every epoch tick: stop it if its time
+        // is up or it was canceled, otherwise let other tasks run.
+        let (deadline_std, token) = (deadline.into_std(), cancel.clone());
+        store.epoch_deadline_callback(move |_| {
+            if token.is_cancelled() {
+                Err(wasmtime::Error::new(InterruptedError(
+                    Interrupted::Canceled,
+                )))
+            } else if std::time::Instant::now() >= deadline_std {
+                Err(wasmtime::Error::new(InterruptedError(Interrupted::Timeout)))
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store.set_epoch_deadline(1);
+
+        let trace = request.run_context.as_ref().and_then(|c| c.trace.as_ref());
+        let invocation = Invocation {
+            node_type_id: entry.node_type_id.to_string(),
+            version: entry.version.clone(),
+            inputs: inputs.to_string(),
+            run_id: request.run_id.clone(),
+            node_run_id: request.node_run_id.clone(),
+            trace_id: trace.and_then(|t| t.trace_id.clone()),
+            span_id: trace.and_then(|t| t.span_id.clone()),
+            deadline_unix_ms: unix_ms_at(deadline),
+        };
+        let call = async {
+            let instance = entry.pack.pre.instantiate_async(&mut store).await?;
+            instance.call_invoke(&mut store, &invocation).await
+        };
+        // The epoch callback stops spinning guests; this stops guests parked
+        // in a host call (a sleep) that the callback never sees.
+        let result = tokio::select! {
+            biased;
+            r = call => r,
+            _ = cancel.cancelled() => return Err(Failure::Interrupted(Interrupted::Canceled)),
+            _ = tokio::time::sleep_until(deadline) => return Err(Failure::Interrupted(Interrupted::Timeout)),
+        };
+        match result {
+            Ok(Ok(outputs)) => Ok(outputs),
+            Ok(Err(node_error)) => Err(Failure::Node(node_error)),
+            Err(e) => Err(classify_trap(&e, &request.node_run_id)),
+        }
+    }
+
+    fn complete(
+        &self,
+        request: &AtomicExecuteRequest,
+        started_at: String,
+        outcome: Result<JsonObject, ErrorDetail>,
+    ) -> Arc<Completed> {
+        let (state, outputs, error) = match outcome {
+            Ok(outputs) => (NodeRunState::Succeeded, Some(outputs), None),
+            Err(e) if e.code == "canceled" => (NodeRunState::Canceled, None, Some(e)),
+            Err(e) => (NodeRunState::Failed, None, Some(e)),
+        };
+        let ref_ = &request.node_type_ref;
+        match &error {
+            None => {
+                tracing::debug!(node_run_id = %request.node_run_id, run_id = %request.run_id, node_type_id = %ref_.node_type_id, version = %ref_.version, "execution succeeded")
+            }
+            Some(e) => {
+                tracing::info!(node_run_id = %request.node_run_id, run_id = %request.run_id, node_type_id = %ref_.node_type_id, version = %ref_.version, state = ?state, code = %e.code, "execution did not succeed")
+            }
+        }
+        let result = AtomicExecuteResult {
+            node_run_id: request.node_run_id.clone(),
+            state,
+            outputs,
+            output_artifacts: None,
+            started_at: Some(started_at),
+            ended_at: Some(now_rfc3339()),
+            error,
+            extensions: None,
+        };
+        let json = Bytes::from(serde_json::to_vec(&result).expect("results serialize"));
+        Arc::new(Completed { result, json })
+    }
+}
+
+enum Admission {
+    Overloaded,
+    Interrupted(Interrupted),
+}
+
+struct QueueSlot<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct InterruptedError(Interrupted);
+
+/// Why a node produced no outputs.
+#[derive(Debug)]
+enum Failure {
+    Interrupted(Interrupted),
+    Node(crate::world::NodeError),
+    MemoryLimit(String),
+    Trapped,
+    InvalidOutputs {
+        message: String,
+        details: Option<JsonObject>,
+    },
+}
+
+impl Failure {
+    fn into_detail(self, limit: Duration) -> ErrorDetail {
+        match self {
+            Failure::Interrupted(why) => interrupted_error(why, limit),
+            Failure::Node(e) => {
+                let mut detail = ErrorDetail::new(e.code, e.message);
+                if let Some(text) = e.details {
+                    detail.details = Some(match serde_json::from_str::<Value>(&text) {
+                        Ok(Value::Object(map)) => map,
+                        // Details a node sent that are not an object are kept, wrapped.
+                        _ => object(json!({ "raw": text })),
+                    });
+                }
+                if detail.code.is_empty() {
+                    detail.code = "node_error".into();
+                }
+                detail
+            }
+            Failure::MemoryLimit(message) => ErrorDetail::new("memory_limit_exceeded", message),
+            Failure::Trapped => {
+                ErrorDetail::new("node_trapped", "the node crashed (WebAssembly trap)")
+            }
+            Failure::InvalidOutputs { message, details } => {
+                let detail = ErrorDetail::new("invalid_outputs", message);
+                match details {
+                    Some(d) => detail.with_details(d),
+                    None => detail,
+                }
+            }
+        }
+    }
+}
+
+fn interrupted_error(why: Interrupted, limit: Duration) -> ErrorDetail {
+    match why {
+        Interrupted::Timeout => ErrorDetail::new(
+            "timeout",
+            format!(
+                "execution exceeded its time limit of {} ms",
+                limit.as_millis()
+            ),
+        )
+        .with_details(object(json!({ "limit_ms": limit.as_millis() as u64 }))),
+        Interrupted::Canceled => ErrorDetail::new("canceled", "execution canceled"),
+    }
+}
+
+fn classify_trap(error: &wasmtime::Error, node_run_id: &str) -> Failure {
+    if let Some(InterruptedError(why)) = error.downcast_ref::<InterruptedError>() {
+        return Failure::Interrupted(*why);
+    }
+    if let Some(limit) = error.downcast_ref::<MemoryLimitExceeded>() {
+        return Failure::MemoryLimit(limit.to_string());
+    }
+    // The detail stays in our log: guests must not learn host internals.
+    tracing::warn!(node_run_id, error = %format!("{error:#}"), "guest trapped");
+    Failure::Trapped
+}
+
+fn check_outputs(entry: &NodeEntry, text: &str) -> Result<JsonObject, Failure> {
+    let value: Value = serde_json::from_str(text).map_err(|e| Failure::InvalidOutputs {
+        message: format!("outputs are not valid JSON: {e}"),
+        details: None,
+    })?;
+    if !value.is_object() {
+        return Err(Failure::InvalidOutputs {
+            message: "outputs must be a JSON object".into(),
+            details: None,
+        });
+    }
+    if !entry.output_schema.is_valid(&value) {
+        return Err(Failure::InvalidOutputs {
+            message: "outputs do not match the node's output schema".into(),
+            details: Some(schema_errors(&entry.output_schema, &value)),
+        });
+    }
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => unreachable!("checked above"),
+    }
+}
+
+/// `{"errors": [{"path": "/echo", "message": "..."}]}` for a failed validation.
+fn schema_errors(validator: &jsonschema::Validator, instance: &Value) -> JsonObject {
+    let errors: Vec<Value> = validator
+        .iter_errors(instance)
+        .take(MAX_REPORTED_ERRORS)
+        .map(|e| json!({ "path": e.instance_path().to_string(), "message": e.to_string() }))
+        .collect();
+    object(json!({ "errors": errors }))
+}
+
+fn object(value: Value) -> JsonObject {
+    match value {
+        Value::Object(map) => map,
+        _ => JsonObject::new(),
+    }
+}
+
+fn unix_ms_at(deadline: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = SystemTime::now() + deadline.saturating_duration_since(now);
+    wall.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Identifies a request's content, so a retry can be told from a conflict.
+fn fingerprint(request: &AtomicExecuteRequest) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // Serialization is canonical: struct fields in order, maps sorted.
+    serde_json::to_vec(request)
+        .expect("requests serialize")
+        .hash(&mut hasher);
+    hasher.finish()
+}

@@ -1,0 +1,276 @@
+//! The wasmtime engine, its epoch ticker, per-execution store state and the
+//! host functions every pack is granted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter};
+
+use crate::world::{self, clock, log, random, timer};
+
+/// How often the epoch advances. A running guest yields to the async runtime
+/// at every tick, so this bounds how long one guest holds a worker thread.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Largest single `get-random-bytes` request the host serves.
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
+
+/// Operator-set limits on the wasm runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeLimits {
+    /// Linear memory one execution may hold, in bytes (all memories together).
+    pub max_memory_bytes: usize,
+    /// Executions that may hold an instance at once (pool size).
+    pub max_instances: u32,
+    /// Log lines one execution may write before the rest are dropped.
+    pub max_log_lines: u32,
+}
+
+/// Builds the engine used for every pack: epoch interruption, async support and
+/// a pooling allocator sized for `limits`.
+pub fn build_engine(
+    limits: &RuntimeLimits,
+    cache_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Engine> {
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    // Fibers for async calls: guest stacks are bounded by max_wasm_stack.
+    config.max_wasm_stack(1 << 20);
+    config.async_stack_size(2 << 20);
+
+    let memory_slot = limits.max_memory_bytes.next_multiple_of(1 << 16);
+    let mut pool = PoolingAllocationConfig::new();
+    let instances = limits.max_instances.max(1);
+    pool.total_component_instances(instances)
+        // Components built by componentize-py or with adapters hold several
+        // core instances and memories; leave room for them.
+        .total_core_instances(instances.saturating_mul(4))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(4))
+        .total_stacks(instances)
+        .max_memories_per_component(4)
+        .max_core_instances_per_component(32)
+        .max_tables_per_component(8)
+        .max_memory_size(memory_slot)
+        .max_unused_warm_slots(instances.min(64));
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+
+    if let Some(dir) = cache_dir {
+        let mut cache = wasmtime::CacheConfig::new();
+        cache.with_directory(dir);
+        config.cache(Some(wasmtime::Cache::new(cache)?));
+    }
+    Ok(Engine::new(&config)?)
+}
+
+/// Advances an engine's epoch every [`EPOCH_TICK`] on a thread of its own;
+/// dropping it stops and joins the thread.
+#[derive(Debug)]
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Marker error raised into the guest when it asks for more memory than the
+/// execution may hold; the executor maps it to `memory_limit_exceeded`.
+#[derive(Debug, thiserror::Error)]
+#[error("linear memory limit of {limit} bytes exceeded (asked for {desired})")]
+pub struct MemoryLimitExceeded {
+    pub limit: usize,
+    pub desired: usize,
+}
+
+/// Everything one execution's `Store` holds. Created fresh per execution.
+#[derive(Debug)]
+pub struct StoreState {
+    /// Tags the guest's log lines.
+    pub node_run_id: Arc<str>,
+    pub node_type_id: Arc<str>,
+    memory_limit: usize,
+    memory_used: usize,
+    logs_left: u32,
+    logs_dropped: u32,
+}
+
+impl StoreState {
+    pub fn new(limits: &RuntimeLimits, node_run_id: Arc<str>, node_type_id: Arc<str>) -> Self {
+        Self {
+            node_run_id,
+            node_type_id,
+            memory_limit: limits.max_memory_bytes,
+            memory_used: 0,
+            logs_left: limits.max_log_lines,
+            logs_dropped: 0,
+        }
+    }
+
+    pub fn logs_dropped(&self) -> u32 {
+        self.logs_dropped
+    }
+}
+
+impl ResourceLimiter for StoreState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // The budget covers every memory of the instance together.
+        let total = self.memory_used - current.min(self.memory_used) + desired;
+        if total > self.memory_limit {
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit: self.memory_limit,
+                desired: total,
+            }));
+        }
+        self.memory_used = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Adds the host functions of the `node-pack` world to `linker`.
+pub fn add_grants(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    world::NodePack::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)
+}
+
+impl log::Host for StoreState {
+    fn log(
+        &mut self,
+        level: log::Level,
+        message: String,
+        fields: Vec<log::Field>,
+    ) -> wasmtime::Result<()> {
+        if self.logs_left == 0 {
+            self.logs_dropped = self.logs_dropped.saturating_add(1);
+            return Ok(());
+        }
+        self.logs_left -= 1;
+        let message = truncate(&message, 4096);
+        let fields = fields
+            .iter()
+            .take(32)
+            .map(|f| format!("{}={}", truncate(&f.key, 64), truncate(&f.value, 512)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let (run, node) = (&*self.node_run_id, &*self.node_type_id);
+        match level {
+            log::Level::Trace => {
+                tracing::trace!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
+            }
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl clock::Host for StoreState {
+    fn now(&mut self) -> wasmtime::Result<clock::Datetime> {
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(clock::Datetime {
+            seconds: d.as_secs(),
+            nanoseconds: d.subsec_nanos(),
+        })
+    }
+
+    fn monotonic_now(&mut self) -> wasmtime::Result<u64> {
+        Ok(monotonic_origin().elapsed().as_nanos() as u64)
+    }
+}
+
+fn monotonic_origin() -> std::time::Instant {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(std::time::Instant::now)
+}
+
+impl random::Host for StoreState {
+    fn get_random_bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
+        if len > MAX_RANDOM_BYTES {
+            return Err(wasmtime::format_err!(
+                "get-random-bytes: {len} bytes asked, at most {MAX_RANDOM_BYTES} per call"
+            ));
+        }
+        let mut bytes = vec![0; len as usize];
+        rand::rng().fill_bytes(&mut bytes);
+        Ok(bytes)
+    }
+
+    fn get_random_u64(&mut self) -> wasmtime::Result<u64> {
+        Ok(rand::rng().next_u64())
+    }
+}
+
+impl timer::Host for StoreState {
+    async fn sleep(&mut self, duration_ms: u64) {
+        // The execution's deadline is enforced around the whole call, so a
+        // long sleep is cut short there; this only parks the fiber.
+        tokio::time::sleep(Duration::from_millis(duration_ms)).await;
+    }
+}

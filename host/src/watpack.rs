@@ -1,0 +1,253 @@
+//! Writes node packs as WebAssembly text, with no guest toolchain.
+//!
+//! The built-in `jarvis.core.echo` is one of these, and tests use them for
+//! hostile guests (spinning, trapping, memory-hungry). [`WatPack`] lays out
+//! the pack's `describe` answer in linear memory following the component
+//! model's canonical ABI, so the WAT author only writes the body of `invoke`.
+//!
+//! The body of `invoke` is core wasm for `(func $invoke (param $call i32) (result i32))`.
+//! `$call` points at the `invocation` record; useful offsets are in [`call`].
+//! Helpers in scope: `(call $ok_inputs (local.get $call))` returns `ok(inputs)`,
+//! `(call $ok (ptr) (len))` returns `ok(string)`, `(call $err (code_ptr) (code_len)
+//! (msg_ptr) (msg_len))` returns a node error; place strings with [`WatPack::data`].
+
+use std::fmt::Write as _;
+
+/// Byte offsets of `invocation` fields in linear memory (canonical ABI).
+pub mod call {
+    pub const NODE_TYPE_ID: u32 = 0;
+    pub const VERSION: u32 = 8;
+    pub const INPUTS_PTR: u32 = 16;
+    pub const INPUTS_LEN: u32 = 20;
+    pub const RUN_ID: u32 = 24;
+    pub const NODE_RUN_ID: u32 = 32;
+}
+
+/// Where static data starts; below it, the result area of `invoke`.
+const DATA_BASE: u32 = 1024;
+const RESULT_AREA: u32 = 64;
+
+/// One node of a [`WatPack`].
+#[derive(Debug, Clone)]
+pub struct WatNode {
+    pub node_type_id: String,
+    pub version: String,
+    pub description: String,
+    pub input_schema: String,
+    pub output_schema: String,
+    /// 0 read, 1 write, 2 irreversible.
+    pub side_effect: u8,
+    pub trust_tier: String,
+    pub tags: Vec<String>,
+    pub max_wall_time_ms: Option<u32>,
+}
+
+impl WatNode {
+    /// A read-only node taking and returning any JSON object.
+    pub fn new(node_type_id: &str, version: &str) -> Self {
+        Self {
+            node_type_id: node_type_id.into(),
+            version: version.into(),
+            description: format!("{node_type_id} (WAT test node)"),
+            input_schema: r#"{"type":"object"}"#.into(),
+            output_schema: r#"{"type":"object"}"#.into(),
+            side_effect: 0,
+            trust_tier: "first_party".into(),
+            tags: Vec::new(),
+            max_wall_time_ms: None,
+        }
+    }
+}
+
+/// A single-module component implementing the `node-pack` world.
+#[derive(Debug, Clone)]
+pub struct WatPack {
+    pack_id: String,
+    pack_version: String,
+    nodes: Vec<WatNode>,
+    image: Vec<u8>,
+}
+
+impl WatPack {
+    pub fn new(pack_id: &str, pack_version: &str) -> Self {
+        Self {
+            pack_id: pack_id.into(),
+            pack_version: pack_version.into(),
+            nodes: Vec::new(),
+            image: Vec::new(),
+        }
+    }
+
+    pub fn node(mut self, node: WatNode) -> Self {
+        self.nodes.push(node);
+        self
+    }
+
+    /// Places `bytes` in the static data; returns `(address, length)`.
+    pub fn data(&mut self, bytes: &[u8]) -> (u32, u32) {
+        (self.put(bytes, 1), bytes.len() as u32)
+    }
+
+    fn put(&mut self, bytes: &[u8], align: usize) -> u32 {
+        while !self.image.len().is_multiple_of(align) {
+            self.image.push(0);
+        }
+        let addr = DATA_BASE + self.image.len() as u32;
+        self.image.extend_from_slice(bytes);
+        addr
+    }
+
+    fn put_str(&mut self, s: &str) -> [u8; 8] {
+        let (ptr, len) = self.data(s.as_bytes());
+        pair(ptr, len)
+    }
+
+    /// Lays out `pack-info` and returns its address.
+    fn layout_describe(&mut self) -> u32 {
+        let nodes = self.nodes.clone();
+        let mut specs = Vec::with_capacity(nodes.len() * 80);
+        for n in &nodes {
+            let mut rec = [0u8; 80];
+            rec[0..8].copy_from_slice(&self.put_str(&n.node_type_id));
+            rec[8..16].copy_from_slice(&self.put_str(&n.version));
+            rec[16..24].copy_from_slice(&self.put_str(&n.description));
+            rec[24..32].copy_from_slice(&self.put_str(&n.input_schema));
+            rec[32..40].copy_from_slice(&self.put_str(&n.output_schema));
+            rec[40] = n.side_effect;
+            rec[44..52].copy_from_slice(&self.put_str(&n.trust_tier));
+            // egress-policy: none (52..64 stay zero).
+            let tags: Vec<[u8; 8]> = n.tags.iter().map(|t| self.put_str(t)).collect();
+            let tags_addr = self.put(&tags.concat(), 4);
+            rec[64..72].copy_from_slice(&pair(tags_addr, tags.len() as u32));
+            if let Some(ms) = n.max_wall_time_ms {
+                rec[72] = 1;
+                rec[76..80].copy_from_slice(&ms.to_le_bytes());
+            }
+            specs.extend_from_slice(&rec);
+        }
+        let specs_addr = self.put(&specs, 4);
+        let mut info = [0u8; 24];
+        let (id, version) = (self.pack_id.clone(), self.pack_version.clone());
+        info[0..8].copy_from_slice(&self.put_str(&id));
+        info[8..16].copy_from_slice(&self.put_str(&version));
+        info[16..24].copy_from_slice(&pair(specs_addr, nodes.len() as u32));
+        self.put(&info, 4)
+    }
+
+    /// The component's WAT, with `invoke_body` as the body of `$invoke`.
+    pub fn to_wat(&self, invoke_body: &str) -> String {
+        let mut pack = self.clone();
+        let describe_addr = pack.layout_describe();
+        let heap_start = (DATA_BASE + pack.image.len() as u32).next_multiple_of(8);
+        let mut escaped = String::with_capacity(pack.image.len() * 3);
+        for b in &pack.image {
+            let _ = write!(escaped, "\\{b:02x}");
+        }
+        format!(
+            r#"(component
+  (core module $m
+    (memory (export "memory") 1)
+    (data (i32.const {DATA_BASE}) "{escaped}")
+    (global $heap (mut i32) (i32.const {heap_start}))
+    (func $realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
+      (local $ptr i32) (local $end i32) (local $have i32)
+      (local.set $ptr (i32.and (i32.add (global.get $heap) (i32.sub (local.get $align) (i32.const 1)))
+                               (i32.sub (i32.const 0) (local.get $align))))
+      (local.set $end (i32.add (local.get $ptr) (local.get $size)))
+      (if (i32.lt_u (local.get $end) (local.get $ptr)) (then unreachable))
+      (local.set $have (i32.shl (memory.size) (i32.const 16)))
+      (if (i32.gt_u (local.get $end) (local.get $have))
+        (then
+          (if (i32.eq (memory.grow (i32.shr_u (i32.add (i32.sub (local.get $end) (local.get $have)) (i32.const 65535)) (i32.const 16)))
+                      (i32.const -1))
+            (then unreachable))))
+      (global.set $heap (local.get $end))
+      (if (local.get $old_size) (then (memory.copy (local.get $ptr) (local.get $old) (local.get $old_size))))
+      (local.get $ptr))
+    (func $ok (param $ptr i32) (param $len i32) (result i32)
+      (i32.store8 (i32.const {RESULT_AREA}) (i32.const 0))
+      (i32.store (i32.const {r4}) (local.get $ptr))
+      (i32.store (i32.const {r8}) (local.get $len))
+      (i32.const {RESULT_AREA}))
+    (func $ok_inputs (param $call i32) (result i32)
+      (call $ok (i32.load offset={inputs_ptr} (local.get $call)) (i32.load offset={inputs_len} (local.get $call))))
+    (func $err (param $code i32) (param $code_len i32) (param $msg i32) (param $msg_len i32) (result i32)
+      (i32.store8 (i32.const {RESULT_AREA}) (i32.const 1))
+      (i32.store (i32.const {r4}) (local.get $code))
+      (i32.store (i32.const {r8}) (local.get $code_len))
+      (i32.store (i32.const {r12}) (local.get $msg))
+      (i32.store (i32.const {r16}) (local.get $msg_len))
+      (i32.store8 (i32.const {r20}) (i32.const 0))
+      (i32.const {RESULT_AREA}))
+    (func (export "describe") (result i32) (i32.const {describe_addr}))
+    (func (export "invoke") (param $call i32) (result i32)
+      {invoke_body})
+    (func (export "cabi_post_invoke") (param i32) (global.set $heap (i32.const {heap_start})))
+  )
+  (core instance $i (instantiate $m))
+  (type $side-effect' (enum "read" "write" "irreversible"))
+  (export $side-effect "side-effect" (type $side-effect'))
+  (type $node-spec' (record
+    (field "node-type-id" string) (field "version" string) (field "description" string)
+    (field "input-schema" string) (field "output-schema" string) (field "side-effect" $side-effect)
+    (field "trust-tier" string) (field "egress-policy" (option string)) (field "tags" (list string))
+    (field "max-wall-time-ms" (option u32))))
+  (export $node-spec "node-spec" (type $node-spec'))
+  (type $pack-info' (record (field "pack-id" string) (field "pack-version" string) (field "nodes" (list $node-spec))))
+  (export $pack-info "pack-info" (type $pack-info'))
+  (type $invocation' (record
+    (field "node-type-id" string) (field "version" string) (field "inputs" string)
+    (field "run-id" string) (field "node-run-id" string)
+    (field "trace-id" (option string)) (field "span-id" (option string)) (field "deadline-unix-ms" u64)))
+  (export $invocation "invocation" (type $invocation'))
+  (type $node-error' (record (field "code" string) (field "message" string) (field "details" (option string))))
+  (export $node-error "node-error" (type $node-error'))
+  (func (export "describe") (result $pack-info)
+    (canon lift (core func $i "describe") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))))
+  (func (export "invoke") (param "call" $invocation) (result (result string (error $node-error)))
+    (canon lift (core func $i "invoke") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))
+      (post-return (core func $i "cabi_post_invoke"))))
+)"#,
+            r4 = RESULT_AREA + 4,
+            r8 = RESULT_AREA + 8,
+            r12 = RESULT_AREA + 12,
+            r16 = RESULT_AREA + 16,
+            r20 = RESULT_AREA + 20,
+            inputs_ptr = call::INPUTS_PTR,
+            inputs_len = call::INPUTS_LEN,
+        )
+    }
+}
+
+fn pair(ptr: u32, len: u32) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&ptr.to_le_bytes());
+    out[4..].copy_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// The built-in `jarvis.core.echo`, as the Python core pack defines it.
+///
+/// The host validates inputs against the input schema below before the call
+/// (exactly one property, `echo`, a string), so returning the inputs object
+/// unchanged *is* `{"echo": inputs.echo}`; the output schema is checked after.
+pub fn builtin_echo_wat() -> String {
+    const SCHEMA: &str = r#"{"type":"object","additionalProperties":false,"properties":{"echo":{"type":"string"}},"required":["echo"]}"#;
+    let node = WatNode {
+        node_type_id: "jarvis.core.echo".into(),
+        version: BUILTIN_VERSION.into(),
+        description: "Return the provided `echo` string (deterministic baseline node).".into(),
+        input_schema: SCHEMA.into(),
+        output_schema: SCHEMA.into(),
+        side_effect: 0,
+        trust_tier: "first_party".into(),
+        tags: vec!["core".into()],
+        max_wall_time_ms: None,
+    };
+    WatPack::new("jarvis.builtin", BUILTIN_VERSION)
+        .node(node)
+        .to_wat("(call $ok_inputs (local.get $call))")
+}
+
+/// Version of the built-in echo: that of the Python core pack it stands for.
+pub const BUILTIN_VERSION: &str = "0.3.8";
