@@ -15,7 +15,6 @@ use arp_types::{
 use rand::Rng;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::broadcast;
 
 use crate::catalog::{NodeCatalog, NodeTypeInfo};
 use crate::clients::{AtomicExecutorClient, CompositeExecutorClient};
@@ -54,7 +53,7 @@ pub struct Coordinator {
     pub composite: Option<CompositeExecutorClient>,
     /// Where composite executors call back.
     pub public_url: String,
-    pub run_changed: broadcast::Sender<Arc<str>>,
+    pub watchers: Arc<crate::events::RunWatchers>,
 }
 
 /// A NodeRun whose executor must be told to stop, once the transaction has committed.

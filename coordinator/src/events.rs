@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
-use tokio::sync::broadcast;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
 
 use crate::coordinator::Coordinator;
 use crate::store::{self, StoreError};
@@ -34,10 +37,47 @@ pub struct StreamRequest {
     pub follow: bool,
 }
 
+/// Wakes the streams following a run when a commit adds events to it. Only runs
+/// with followers have an entry, so a commit costs one map lookup per run.
+#[derive(Debug, Default)]
+pub struct RunWatchers {
+    by_run: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl RunWatchers {
+    pub fn notify(&self, run_id: &str) {
+        if let Some(notify) = self.by_run.lock().unwrap().get(run_id) {
+            notify.notify_waiters();
+        }
+    }
+
+    fn watch(self: &Arc<Self>, run_id: &str) -> Watch {
+        let notify = self.by_run.lock().unwrap().entry(run_id.to_owned()).or_default().clone();
+        Watch { watchers: self.clone(), run_id: run_id.to_owned(), notify }
+    }
+}
+
+/// One follower's registration; the entry goes when its last follower does.
+struct Watch {
+    watchers: Arc<RunWatchers>,
+    run_id: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut by_run = self.watchers.by_run.lock().unwrap();
+        // The map's reference plus ours: we are the last follower.
+        if Arc::strong_count(&self.notify) == 2 {
+            by_run.remove(&self.run_id);
+        }
+    }
+}
+
 struct Cursor {
     coord: Arc<Coordinator>,
     req: StreamRequest,
-    changes: broadcast::Receiver<Arc<str>>,
+    watch: Watch,
     done: bool,
 }
 
@@ -46,14 +86,8 @@ pub fn ndjson(
     coord: Arc<Coordinator>,
     req: StreamRequest,
 ) -> impl Stream<Item = Result<Bytes, StoreError>> {
-    // Subscribe before the first read so no change between the read and the wait is missed.
-    let changes = coord.run_changed.subscribe();
-    let cursor = Cursor {
-        coord,
-        req,
-        changes,
-        done: false,
-    };
+    let watch = coord.watchers.watch(&req.run_id);
+    let cursor = Cursor { coord, req, watch, done: false };
     futures_util::stream::unfold(cursor, |mut cursor| async move {
         if cursor.done {
             return None;
@@ -77,6 +111,11 @@ struct Page {
 
 async fn next_chunk(cursor: &mut Cursor) -> Result<Option<Bytes>, StoreError> {
     loop {
+        // Registered before the read, so a commit between the read and the wait still wakes us.
+        let notify = cursor.watch.notify.clone();
+        let changed = notify.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         let (run_id, after, scope) = (
             cursor.req.run_id.clone(),
             cursor.req.after_seq,
@@ -126,25 +165,9 @@ async fn next_chunk(cursor: &mut Cursor) -> Result<Option<Bytes>, StoreError> {
         if page.terminal || !cursor.req.follow {
             return Ok(None);
         }
-        wait_for_change(&mut cursor.changes, &cursor.req.run_id).await;
+        // The timeout is a safety net only; commits wake followers.
+        let _ = tokio::time::timeout(IDLE_RECHECK, changed).await;
     }
-}
-
-async fn wait_for_change(changes: &mut broadcast::Receiver<Arc<str>>, run_id: &str) {
-    let _ = tokio::time::timeout(IDLE_RECHECK, async {
-        loop {
-            match changes.recv().await {
-                Ok(changed) if &*changed == run_id => return,
-                Ok(_) => continue,
-                // Missed notifications may include ours: look at the store again.
-                Err(broadcast::error::RecvError::Lagged(_)) => return,
-                Err(broadcast::error::RecvError::Closed) => {
-                    std::future::pending::<()>().await;
-                }
-            }
-        }
-    })
-    .await;
 }
 
 fn descendants(

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use crate::catalog::NodeCatalog;
 use crate::clients::{
@@ -60,12 +60,12 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(&config.listen).await?;
         let addr = listener.local_addr()?;
-        let (run_changed, _) = broadcast::channel(4096);
+        let watchers = Arc::new(events::RunWatchers::default());
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let store = Store::open(
             &config.db_path,
             CommitHooks {
-                run_changed: run_changed.clone(),
+                watchers: watchers.clone(),
                 dispatch: dispatch_tx,
             },
         )?;
@@ -99,7 +99,7 @@ impl Server {
             public_url: config.public_url_or(addr),
             atomic,
             composite,
-            run_changed,
+            watchers,
             config,
         });
         dispatch::spawn(coordinator.clone(), dispatch_rx);

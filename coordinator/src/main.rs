@@ -23,12 +23,19 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or ctrl-c; a second one exits at once.
+/// Open requests (event streams follow runs for as long as they last) get this long to finish.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Resolves on the first SIGTERM or ctrl-c; a second one, or the drain limit, exits at once.
+/// Nothing is lost by exiting: every acknowledged change is already committed.
 async fn shutdown_signal() {
     wait_for_signal().await;
     tracing::info!("shutting down; a second signal exits immediately");
     tokio::spawn(async {
-        wait_for_signal().await;
+        tokio::select! {
+            _ = wait_for_signal() => {}
+            _ = tokio::time::sleep(DRAIN_LIMIT) => tracing::warn!("drain limit reached; exiting"),
+        }
         std::process::exit(130);
     });
 }

@@ -15,7 +15,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use arp_types::run::{NodeRun, Run, RunEvent, RunEventType};
 use arp_types::{JsonObject, NodeRunState};
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::events::RunWatchers;
 
 /// Most jobs committed together; bounds the latency a single commit adds.
 const MAX_BATCH: usize = 512;
@@ -41,7 +43,7 @@ pub enum StoreError {
 /// What committed writes publish: which runs gained events, which NodeRuns to dispatch.
 #[derive(Debug, Clone)]
 pub struct CommitHooks {
-    pub run_changed: broadcast::Sender<Arc<str>>,
+    pub watchers: Arc<RunWatchers>,
     pub dispatch: mpsc::UnboundedSender<String>,
 }
 
@@ -226,7 +228,7 @@ fn writer_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, hooks
             changed_runs.sort_unstable();
             changed_runs.dedup();
             for run_id in changed_runs {
-                let _ = hooks.run_changed.send(run_id.into());
+                hooks.watchers.notify(&run_id);
             }
             for node_run_id in dispatch {
                 let _ = hooks.dispatch.send(node_run_id);

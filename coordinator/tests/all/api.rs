@@ -123,6 +123,8 @@ async fn create_node_runs_answers_every_error_code_in_reference_order() {
     );
 
     // One child exists and the limit is 2: two more violate it, and write nothing.
+    // (The child has no executor to go to: let its dispatch finish first.)
+    coord.wait_node_state(atomic_child, "failed", WAIT).await;
     let before = coord.events(run_id).await;
     let (s, e) = create(
         &coord,

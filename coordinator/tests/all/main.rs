@@ -4,4 +4,5 @@
 #![allow(unreachable_pub)]
 
 mod api;
+mod e2e;
 mod support;
