@@ -17,14 +17,18 @@ use jarvis_run_coordinator::config::{Config, LocalPolicy};
 use serde_json::{Value, json};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let total = env_usize("BENCH_RUNS", 20_000);
     let concurrency = env_usize("BENCH_CONCURRENCY", 128);
-    let executor = RunningServer::spawn(&jarvis_atomic_executor::config::Config::for_tests()).await?;
+    let executor =
+        RunningServer::spawn(&jarvis_atomic_executor::config::Config::for_tests()).await?;
     let dir = tempfile::tempdir()?;
     let config = Config {
         listen: "127.0.0.1:0".into(),
@@ -43,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
     let url = format!("http://{}", server.addr);
     tokio::spawn(server.serve(std::future::pending()));
 
-    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency * 2).tcp_nodelay(true).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency * 2)
+        .tcp_nodelay(true)
+        .build()?;
     let body = json!({"root_node_type_ref": {"node_type_id": "jarvis.core.echo", "version": "0.3.8"}, "input": {"echo": "bench"}});
     // Warm-up: connections, the executor's node listing, SQLite pages.
     run_once(&http, &url, &body).await?;
@@ -53,7 +60,13 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (http, url, body, next, failed) = (http.clone(), url.clone(), body.clone(), next.clone(), failed.clone());
+            let (http, url, body, next, failed) = (
+                http.clone(),
+                url.clone(),
+                body.clone(),
+                next.clone(),
+                failed.clone(),
+            );
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < total {
                     match run_once(&http, &url, &body).await {
@@ -81,9 +94,22 @@ async fn main() -> anyhow::Result<()> {
 
 /// One run end to end; `Ok(true)` if it succeeded.
 async fn run_once(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<bool> {
-    let run: Value = http.post(format!("{url}/v1/runs")).json(body).send().await?.json().await?;
-    let run_id = run["run_id"].as_str().ok_or_else(|| anyhow::anyhow!("no run_id: {run}"))?;
-    let events = http.get(format!("{url}/v1/runs/{run_id}/events")).send().await?.text().await?;
+    let run: Value = http
+        .post(format!("{url}/v1/runs"))
+        .json(body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let run_id = run["run_id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no run_id: {run}"))?;
+    let events = http
+        .get(format!("{url}/v1/runs/{run_id}/events"))
+        .send()
+        .await?
+        .text()
+        .await?;
     let last = events.lines().last().unwrap_or_default();
     Ok(last.contains(r#""type":"run_completed""#) && last.contains(r#""state":"succeeded""#))
 }

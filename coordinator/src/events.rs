@@ -52,8 +52,18 @@ impl RunWatchers {
     }
 
     fn watch(self: &Arc<Self>, run_id: &str) -> Watch {
-        let notify = self.by_run.lock().unwrap().entry(run_id.to_owned()).or_default().clone();
-        Watch { watchers: self.clone(), run_id: run_id.to_owned(), notify }
+        let notify = self
+            .by_run
+            .lock()
+            .unwrap()
+            .entry(run_id.to_owned())
+            .or_default()
+            .clone();
+        Watch {
+            watchers: self.clone(),
+            run_id: run_id.to_owned(),
+            notify,
+        }
     }
 }
 
@@ -87,7 +97,12 @@ pub fn ndjson(
     req: StreamRequest,
 ) -> impl Stream<Item = Result<Bytes, StoreError>> {
     let watch = coord.watchers.watch(&req.run_id);
-    let cursor = Cursor { coord, req, watch, done: false };
+    let cursor = Cursor {
+        coord,
+        req,
+        watch,
+        done: false,
+    };
     futures_util::stream::unfold(cursor, |mut cursor| async move {
         if cursor.done {
             return None;

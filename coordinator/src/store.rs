@@ -22,7 +22,9 @@ use crate::events::RunWatchers;
 /// Most jobs committed together; bounds the latency a single commit adds.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
-const MAX_IDLE_READERS: usize = 8;
+const MAX_IDLE_READERS: usize = 64;
+/// Prepared statements kept per connection: more than the store uses, so none is parsed twice.
+const STATEMENT_CACHE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,6 +72,7 @@ impl Store {
         // an OS crash or power loss can drop the last commits.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.execute_batch(SCHEMA)?;
 
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
@@ -253,6 +256,7 @@ impl ReaderPool {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(conn)
     }
 
@@ -294,22 +298,22 @@ impl Tx<'_> {
         op: impl FnOnce(&mut Self) -> Result<T, E>,
     ) -> Result<T, E> {
         let marks = (self.changed_runs.len(), self.dispatch.len());
-        self.conn
-            .execute_batch("SAVEPOINT job")
-            .map_err(StoreError::from)?;
+        self.statement("SAVEPOINT job")?;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| op(self)))
             .unwrap_or_else(|_| Err(E::from(StoreError::Panicked)));
-        let end = if result.is_ok() {
-            "RELEASE job"
-        } else {
-            "ROLLBACK TO job; RELEASE job"
-        };
         if result.is_err() {
             self.changed_runs.truncate(marks.0);
             self.dispatch.truncate(marks.1);
+            self.statement("ROLLBACK TO job")?;
         }
-        self.conn.execute_batch(end).map_err(StoreError::from)?;
+        self.statement("RELEASE job")?;
         result
+    }
+
+    /// Runs a parameterless statement, parsed once per connection.
+    fn statement(&self, sql: &str) -> Result<(), StoreError> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
     }
 
     pub fn conn(&self) -> &Connection {
@@ -325,18 +329,26 @@ impl Tx<'_> {
     }
 
     pub fn insert_run(&mut self, run: &Run) -> Result<(), StoreError> {
-        self.conn.execute(
-            "INSERT INTO runs (run_id, state, next_seq, body) VALUES (?1, ?2, 0, ?3)",
-            params![run.run_id, run.state.as_str(), serde_json::to_string(run)?],
-        )?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO runs (run_id, state, next_seq, body) VALUES (?1, ?2, 0, ?3)",
+            )?
+            .execute(params![
+                run.run_id,
+                run.state.as_str(),
+                serde_json::to_string(run)?
+            ])?;
         Ok(())
     }
 
     pub fn update_run(&mut self, run: &Run) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE runs SET state = ?2, body = ?3 WHERE run_id = ?1",
-            params![run.run_id, run.state.as_str(), serde_json::to_string(run)?],
-        )?;
+        self.conn
+            .prepare_cached("UPDATE runs SET state = ?2, body = ?3 WHERE run_id = ?1")?
+            .execute(params![
+                run.run_id,
+                run.state.as_str(),
+                serde_json::to_string(run)?
+            ])?;
         Ok(())
     }
 
@@ -350,11 +362,13 @@ impl Tx<'_> {
         dispatch: bool,
     ) -> Result<(), StoreError> {
         let lease = dispatch.then_some(deadline_at);
-        self.conn.execute(
-            "INSERT INTO node_runs (node_run_id, run_id, parent_node_run_id, state, depth,
+        self.conn
+            .prepare_cached(
+                "INSERT INTO node_runs (node_run_id, run_id, parent_node_run_id, state, depth,
                  dispatch_pending, lease_until, deadline_at, body)
              VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8)",
-            params![
+            )?
+            .execute(params![
                 node_run.node_run_id,
                 node_run.run_id,
                 node_run.parent_node_run_id,
@@ -363,8 +377,7 @@ impl Tx<'_> {
                 lease,
                 deadline_at,
                 serde_json::to_string(node_run)?
-            ],
-        )?;
+            ])?;
         if dispatch {
             self.dispatch.push(node_run.node_run_id.clone());
         }
@@ -374,45 +387,44 @@ impl Tx<'_> {
     /// Stores the NodeRun's new state and body; a terminal NodeRun leaves the dispatch queue.
     pub fn update_node_run(&mut self, node_run: &NodeRun) -> Result<(), StoreError> {
         let terminal = node_run.state.is_terminal();
-        self.conn.execute(
-            "UPDATE node_runs SET state = ?2, body = ?3,
+        self.conn
+            .prepare_cached(
+                "UPDATE node_runs SET state = ?2, body = ?3,
                  dispatch_pending = CASE WHEN ?4 THEN 0 ELSE dispatch_pending END,
                  lease_until = CASE WHEN ?4 THEN NULL ELSE lease_until END
              WHERE node_run_id = ?1",
-            params![
+            )?
+            .execute(params![
                 node_run.node_run_id,
                 state_str(node_run.state),
                 serde_json::to_string(node_run)?,
                 terminal
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
     /// The NodeRun has been handed to its executor (composite begin accepted).
     pub fn finish_dispatch(&mut self, node_run_id: &str) -> Result<(), StoreError> {
-        self.conn.execute(
+        self.conn.prepare_cached(
             "UPDATE node_runs SET dispatch_pending = 0, lease_until = NULL WHERE node_run_id = ?1",
-            params![node_run_id],
+        )?.execute(params![node_run_id],
         )?;
         Ok(())
     }
 
     pub fn count_children(&self, parent_node_run_id: &str) -> Result<u64, StoreError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM node_runs WHERE parent_node_run_id = ?1",
-            params![parent_node_run_id],
-            |r| r.get(0),
-        )?;
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM node_runs WHERE parent_node_run_id = ?1")?
+            .query_row(params![parent_node_run_id], |r| r.get(0))?;
         Ok(n as u64)
     }
 
     pub fn count_node_runs(&self, run_id: &str) -> Result<u64, StoreError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM node_runs WHERE run_id = ?1",
-            params![run_id],
-            |r| r.get(0),
-        )?;
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM node_runs WHERE run_id = ?1")?
+            .query_row(params![run_id], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -439,11 +451,12 @@ impl Tx<'_> {
         event_type: RunEventType,
         data: Option<JsonObject>,
     ) -> Result<u64, StoreError> {
-        let seq: i64 = self.conn.query_row(
-            "UPDATE runs SET next_seq = next_seq + 1 WHERE run_id = ?1 RETURNING next_seq - 1",
-            params![run_id],
-            |r| r.get(0),
-        )?;
+        let seq: i64 = self
+            .conn
+            .prepare_cached(
+                "UPDATE runs SET next_seq = next_seq + 1 WHERE run_id = ?1 RETURNING next_seq - 1",
+            )?
+            .query_row(params![run_id], |r| r.get(0))?;
         let event = RunEvent {
             run_id: run_id.to_owned(),
             node_run_id: node_run_id.map(str::to_owned),

@@ -10,14 +10,16 @@ use jarvis_atomic_executor::watpack::{WatNode, WatPack};
 use serde_json::{Value, json};
 
 use crate::support::{
-    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, assert_gapless, client,
-    types,
+    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, assert_gapless,
+    client, types,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn executor() -> RunningServer {
-    RunningServer::spawn(&ExecutorConfig::for_tests()).await.unwrap()
+    RunningServer::spawn(&ExecutorConfig::for_tests())
+        .await
+        .unwrap()
 }
 
 async fn executor_on(port: u16) -> RunningServer {
@@ -27,16 +29,28 @@ async fn executor_on(port: u16) -> RunningServer {
 }
 
 fn with_executor(url: String) -> Options {
-    Options { atomic_executor_url: Some(url), ..Options::default() }
+    Options {
+        atomic_executor_url: Some(url),
+        ..Options::default()
+    }
 }
 
 #[tokio::test]
 async fn atomic_echo_root_run_succeeds_with_its_outputs() {
     let ex = executor().await;
     let coord = Coordinator::start(with_executor(ex.url())).await;
-    let run = coord.start_run("jarvis.core.echo", "0.3.8", json!({"echo": "hello"}), json!({})).await;
+    let run = coord
+        .start_run(
+            "jarvis.core.echo",
+            "0.3.8",
+            json!({"echo": "hello"}),
+            json!({}),
+        )
+        .await;
     let run_id = run["run_id"].as_str().unwrap();
-    let events = tokio::time::timeout(WAIT, coord.follow_events(run_id)).await.unwrap();
+    let events = tokio::time::timeout(WAIT, coord.follow_events(run_id))
+        .await
+        .unwrap();
     assert_gapless(&events);
     assert_eq!(
         types(&events),
@@ -52,9 +66,14 @@ async fn atomic_echo_root_run_succeeds_with_its_outputs() {
     );
     let (_, done) = coord.get(&format!("/v1/runs/{run_id}")).await;
     assert_eq!(done["state"], "succeeded");
-    let root = coord.node_run(run["root_node_run_id"].as_str().unwrap()).await;
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
     assert_eq!(root["outputs"], json!({"echo": "hello"}));
-    assert_eq!(root["kind"], "atomic", "kind comes from the executor's GET /v1/node-types");
+    assert_eq!(
+        root["kind"], "atomic",
+        "kind comes from the executor's GET /v1/node-types"
+    );
     assert_eq!(root["executor_binding"]["endpoint"], json!(ex.url()));
 }
 
@@ -63,12 +82,24 @@ async fn executor_errors_are_recorded_with_the_executors_code() {
     let ex = executor().await;
     let coord = Coordinator::start(with_executor(ex.url())).await;
     // The echo's input schema requires `echo`: the executor answers a terminal failure.
-    let run = coord.start_run("jarvis.core.echo", "0.3.8", json!({"wrong": 1}), json!({})).await;
-    let done = coord.wait_terminal(run["run_id"].as_str().unwrap(), WAIT).await;
+    let run = coord
+        .start_run("jarvis.core.echo", "0.3.8", json!({"wrong": 1}), json!({}))
+        .await;
+    let done = coord
+        .wait_terminal(run["run_id"].as_str().unwrap(), WAIT)
+        .await;
     assert_eq!(done["state"], "failed");
-    let root = coord.node_run(run["root_node_run_id"].as_str().unwrap()).await;
-    let code = root["extensions"]["jarvis.completion_error"]["code"].as_str().unwrap().to_owned();
-    assert!(!code.is_empty() && code != "atomic_executor_unavailable", "{root}");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    let code = root["extensions"]["jarvis.completion_error"]["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !code.is_empty() && code != "atomic_executor_unavailable",
+        "{root}"
+    );
 }
 
 #[tokio::test]
@@ -81,13 +112,19 @@ async fn composite_root_runs_three_echo_children_through_a_composite_executor() 
         ..Options::default()
     };
     let coord = Coordinator::start(opts).await;
-    let run = coord.start_run(COMPOSITE_TYPE, "1", json!({}), json!({})).await;
+    let run = coord
+        .start_run(COMPOSITE_TYPE, "1", json!({}), json!({}))
+        .await;
     let run_id = run["run_id"].as_str().unwrap();
-    let events = tokio::time::timeout(WAIT, coord.follow_events(run_id)).await.unwrap();
+    let events = tokio::time::timeout(WAIT, coord.follow_events(run_id))
+        .await
+        .unwrap();
     assert_gapless(&events);
     let (_, done) = coord.get(&format!("/v1/runs/{run_id}")).await;
     assert_eq!(done["state"], "succeeded", "{events:#?}");
-    let root = coord.node_run(run["root_node_run_id"].as_str().unwrap()).await;
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
     assert_eq!(
         root["outputs"]["children"],
         json!([{"echo": "child-0"}, {"echo": "child-1"}, {"echo": "child-2"}])
@@ -110,22 +147,43 @@ fn spin_pack() -> Vec<u8> {
 #[tokio::test]
 async fn cancel_run_stops_a_spinning_guest_in_the_executor() {
     let ex = executor().await;
-    ex.service.executor.registry().load_bytes("spin.wasm", &spin_pack()).await.unwrap();
+    ex.service
+        .executor
+        .registry()
+        .load_bytes("spin.wasm", &spin_pack())
+        .await
+        .unwrap();
     let coord = Coordinator::start(with_executor(ex.url())).await;
-    let run = coord.start_run("jarvis.test.spin", "1.0.0", json!({}), json!({})).await;
-    let (run_id, root) = (run["run_id"].as_str().unwrap(), run["root_node_run_id"].as_str().unwrap());
+    let run = coord
+        .start_run("jarvis.test.spin", "1.0.0", json!({}), json!({}))
+        .await;
+    let (run_id, root) = (
+        run["run_id"].as_str().unwrap(),
+        run["root_node_run_id"].as_str().unwrap(),
+    );
     coord.wait_node_state(root, "running", WAIT).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while ex.service.executor.running() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the guest never started");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the guest never started"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let (s, canceled) = coord.post(&format!("/v1/runs/{run_id}:cancel"), Value::Null).await;
-    assert_eq!((s, canceled["state"].as_str()), (StatusCode::OK, Some("canceled")));
+    let (s, canceled) = coord
+        .post(&format!("/v1/runs/{run_id}:cancel"), Value::Null)
+        .await;
+    assert_eq!(
+        (s, canceled["state"].as_str()),
+        (StatusCode::OK, Some("canceled"))
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while ex.service.executor.running() > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the spinning guest was not stopped");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spinning guest was not stopped"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(coord.node_run(root).await["state"], "canceled");
@@ -140,16 +198,28 @@ async fn cancel_run_stops_a_spinning_guest_in_the_executor() {
 async fn an_executor_that_is_down_then_up_gets_the_retry() {
     let port = free_port();
     let coord = Coordinator::start(with_executor(format!("http://127.0.0.1:{port}"))).await;
-    let run = coord.start_run("jarvis.core.echo", "0.3.8", json!({"echo": "late"}), json!({})).await;
+    let run = coord
+        .start_run(
+            "jarvis.core.echo",
+            "0.3.8",
+            json!({"echo": "late"}),
+            json!({}),
+        )
+        .await;
     let run_id = run["run_id"].as_str().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, waiting) = coord.get(&format!("/v1/runs/{run_id}")).await;
-    assert_eq!(waiting["state"], "running", "connection refused is retried, not failed");
+    assert_eq!(
+        waiting["state"], "running",
+        "connection refused is retried, not failed"
+    );
 
     let _ex = executor_on(port).await;
     let done = coord.wait_terminal(run_id, WAIT).await;
     assert_eq!(done["state"], "succeeded");
-    let root = coord.node_run(run["root_node_run_id"].as_str().unwrap()).await;
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
     assert_eq!(root["outputs"], json!({"echo": "late"}));
 }
 
@@ -158,15 +228,28 @@ async fn retries_stop_at_the_deadline_with_a_clear_code() {
     let port = free_port();
     let coord = Coordinator::start(with_executor(format!("http://127.0.0.1:{port}"))).await;
     let constraints = json!({"constraints": {"budgets": {"max_wall_time_ms": 800}}});
-    let run = coord.start_run("atomic.never", "1", json!({}), constraints).await;
-    let done = coord.wait_terminal(run["run_id"].as_str().unwrap(), WAIT).await;
+    let run = coord
+        .start_run("atomic.never", "1", json!({}), constraints)
+        .await;
+    let done = coord
+        .wait_terminal(run["run_id"].as_str().unwrap(), WAIT)
+        .await;
     assert_eq!(done["state"], "failed");
-    let root = coord.node_run(run["root_node_run_id"].as_str().unwrap()).await;
-    assert_eq!(root["extensions"]["jarvis.completion_error"]["code"], "atomic_executor_unavailable");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        root["extensions"]["jarvis.completion_error"]["code"],
+        "atomic_executor_unavailable"
+    );
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The coordinator binary, killed with SIGKILL by `kill_9`.
@@ -203,7 +286,12 @@ impl Drop for Process {
 async fn wait_healthy(url: &str) {
     let http = client();
     for _ in 0..200 {
-        if http.get(format!("{url}/v1/health")).send().await.is_ok_and(|r| r.status().is_success()) {
+        if http
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -214,7 +302,12 @@ async fn wait_healthy(url: &str) {
 #[tokio::test]
 async fn kill_9_mid_run_then_restart_finishes_every_run() {
     let ex = executor().await;
-    ex.service.executor.registry().load_bytes("spin.wasm", &spin_pack()).await.unwrap();
+    ex.service
+        .executor
+        .registry()
+        .load_bytes("spin.wasm", &spin_pack())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("coordinator.sqlite3");
     let port = free_port();
@@ -227,25 +320,47 @@ async fn kill_9_mid_run_then_restart_finishes_every_run() {
         let (http, url) = (http.clone(), url.clone());
         async move {
             let body = json!({"root_node_type_ref": {"node_type_id": node, "version": if node == "jarvis.core.echo" {"0.3.8"} else {"1.0.0"}}, "input": input, "constraints": constraints});
-            let run: Value = http.post(format!("{url}/v1/runs")).json(&body).send().await.ok()?.json().await.ok()?;
+            let run: Value = http
+                .post(format!("{url}/v1/runs"))
+                .json(&body)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
             run["run_id"].as_str().map(str::to_owned)
         }
     };
     // Spinning runs are surely mid-execution at the kill; their wall time ends them after the restart.
     let mut acknowledged = Vec::new();
     for _ in 0..3 {
-        let spin = start("jarvis.test.spin", json!({}), json!({"budgets": {"max_wall_time_ms": 3000}})).await;
+        let spin = start(
+            "jarvis.test.spin",
+            json!({}),
+            json!({"budgets": {"max_wall_time_ms": 3000}}),
+        )
+        .await;
         acknowledged.extend(spin);
     }
     let echoes: Vec<_> = (0..200)
-        .map(|i| tokio::spawn(start("jarvis.core.echo", json!({"echo": format!("e{i}")}), Value::Null)))
+        .map(|i| {
+            tokio::spawn(start(
+                "jarvis.core.echo",
+                json!({"echo": format!("e{i}")}),
+                Value::Null,
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(30)).await;
     first.kill_9();
     for e in echoes {
         acknowledged.extend(e.await.unwrap());
     }
-    assert!(acknowledged.len() >= 3, "some runs were acknowledged before the kill");
+    assert!(
+        acknowledged.len() >= 3,
+        "some runs were acknowledged before the kill"
+    );
 
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -257,8 +372,17 @@ async fn kill_9_mid_run_then_restart_finishes_every_run() {
         assert_ne!(done["state"], "running");
         let events = coord.events(run_id).await;
         assert_gapless(&events);
-        assert_eq!(events.last().unwrap()["type"], "run_completed", "{events:#?}");
-        let root = coord.node_run(done["root_node_run_id"].as_str().unwrap()).await;
-        assert!(["succeeded", "failed", "canceled"].contains(&root["state"].as_str().unwrap()), "{root}");
+        assert_eq!(
+            events.last().unwrap()["type"],
+            "run_completed",
+            "{events:#?}"
+        );
+        let root = coord
+            .node_run(done["root_node_run_id"].as_str().unwrap())
+            .await;
+        assert!(
+            ["succeeded", "failed", "canceled"].contains(&root["state"].as_str().unwrap()),
+            "{root}"
+        );
     }
 }

@@ -88,7 +88,12 @@ impl Coordinator {
     /// A client of a coordinator running elsewhere (e.g. a child process).
     pub fn attach(url: &str) -> Self {
         let (stop, _) = oneshot::channel();
-        Self { url: url.to_owned(), http: client(), _stop: stop, _dir: None }
+        Self {
+            url: url.to_owned(),
+            http: client(),
+            _stop: stop,
+            _dir: None,
+        }
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
