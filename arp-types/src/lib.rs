@@ -9,11 +9,17 @@
 //! - [`common`]: error envelope, health, version, extensions, resource refs.
 //! - [`core`]: node types, run context, constraints, node-run states.
 //! - [`atomic`]: the Atomic Executor's execute request and result.
+//! - [`run`]: the Run Coordinator's runs, node runs, run events and requests.
+//! - [`composite`]: the Composite Executor's begin request and response.
+//! - [`pdp`]: policy decision requests and decisions.
 //! - [`time`]: RFC 3339 timestamps as the spec writes them.
 
 pub mod atomic;
 pub mod common;
+pub mod composite;
 pub mod core;
+pub mod pdp;
+pub mod run;
 pub mod time;
 
 pub use atomic::{AtomicExecuteRequest, AtomicExecuteResult};

@@ -1,0 +1,115 @@
+//! Load figure: atomic echo runs end to end (POST /v1/runs → run terminal) per second.
+//!
+//! Starts the real atomic executor and the coordinator (SQLite in a temp dir)
+//! in this process on 127.0.0.1:0, then keeps `BENCH_CONCURRENCY` clients busy:
+//! each posts a `jarvis.core.echo` run and follows its NDJSON event stream until
+//! the coordinator closes it (the run is terminal). Run with
+//! `cargo bench -p jarvis-run-coordinator --bench runs_per_second`.
+//! Environment: BENCH_RUNS (default 20000), BENCH_CONCURRENCY (default 128).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use jarvis_atomic_executor::RunningServer;
+use jarvis_run_coordinator::Server;
+use jarvis_run_coordinator::config::{Config, LocalPolicy};
+use serde_json::{Value, json};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let total = env_usize("BENCH_RUNS", 20_000);
+    let concurrency = env_usize("BENCH_CONCURRENCY", 128);
+    let executor =
+        RunningServer::spawn(&jarvis_atomic_executor::config::Config::for_tests()).await?;
+    let dir = tempfile::tempdir()?;
+    let config = Config {
+        listen: "127.0.0.1:0".into(),
+        db_path: dir.path().join("bench.sqlite3"),
+        atomic_executor_url: Some(executor.url()),
+        composite_executor_url: None,
+        node_registry_url: None,
+        pdp_url: None,
+        policy: LocalPolicy::AllowAll,
+        public_url: None,
+        auto_dispatch: true,
+        node_run_timeout: Duration::from_secs(60),
+        dispatch_concurrency: 1024,
+    };
+    let server = Server::bind(config).await?;
+    let url = format!("http://{}", server.addr);
+    tokio::spawn(server.serve(std::future::pending()));
+
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency * 2)
+        .tcp_nodelay(true)
+        .build()?;
+    let body = json!({"root_node_type_ref": {"node_type_id": "jarvis.core.echo", "version": "0.3.8"}, "input": {"echo": "bench"}});
+    // Warm-up: connections, the executor's node listing, SQLite pages.
+    run_once(&http, &url, &body).await?;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (http, url, body, next, failed) = (
+                http.clone(),
+                url.clone(),
+                body.clone(),
+                next.clone(),
+                failed.clone(),
+            );
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    match run_once(&http, &url, &body).await {
+                        Ok(true) => {}
+                        Ok(false) | Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await?;
+    }
+    let elapsed = started.elapsed();
+    let failed = failed.load(Ordering::Relaxed);
+    println!(
+        "runs_per_second: {total} atomic echo runs, concurrency {concurrency}: {:.2}s, {:.0} runs/s, {failed} not succeeded",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One run end to end; `Ok(true)` if it succeeded.
+async fn run_once(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<bool> {
+    let run: Value = http
+        .post(format!("{url}/v1/runs"))
+        .json(body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let run_id = run["run_id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no run_id: {run}"))?;
+    let events = http
+        .get(format!("{url}/v1/runs/{run_id}/events"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let last = events.lines().last().unwrap_or_default();
+    Ok(last.contains(r#""type":"run_completed""#) && last.contains(r#""state":"succeeded""#))
+}

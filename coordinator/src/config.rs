@@ -1,0 +1,172 @@
+//! Command line and environment: raw arguments, validated into one [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The ARP Run Coordinator: durable runs in SQLite, dispatched to atomic and composite executors.
+#[derive(Debug, Parser)]
+#[command(name = "jarvis-run-coordinator", version)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free port).
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_PORT", default_value_t = 8081)]
+    pub port: u16,
+    /// SQLite database file holding runs, node runs, events and the dispatch queue.
+    /// Default: $XDG_DATA_HOME/jarvis/run-coordinator.sqlite3 (or ~/.local/share/...).
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_DB")]
+    pub db: Option<PathBuf>,
+    /// Atomic Executor base URL (fallback: ARP_ATOMIC_EXECUTOR_URL).
+    #[arg(long, env = "JARVIS_ATOMIC_EXECUTOR_URL")]
+    pub atomic_executor_url: Option<String>,
+    /// Composite Executor base URL (fallback: ARP_COMPOSITE_EXECUTOR_URL).
+    #[arg(long, env = "JARVIS_COMPOSITE_EXECUTOR_URL")]
+    pub composite_executor_url: Option<String>,
+    /// Node Registry base URL, used to resolve node kinds and constraints (fallback: ARP_NODE_REGISTRY_URL).
+    #[arg(long, env = "JARVIS_NODE_REGISTRY_URL")]
+    pub node_registry_url: Option<String>,
+    /// Policy Decision Point base URL (fallback: ARP_PDP_URL). Without one, policy denies
+    /// unless the profile is `dev-allow`.
+    #[arg(long, env = "JARVIS_PDP_URL")]
+    pub pdp_url: Option<String>,
+    /// Policy profile used when no PDP is configured: `dev-allow` allows everything.
+    #[arg(long, env = "JARVIS_POLICY_PROFILE")]
+    pub policy_profile: Option<String>,
+    /// URL at which composite executors reach this coordinator (fallback:
+    /// JARVIS_RUN_COORDINATOR_URL, then http://HOST:PORT).
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Dispatch new NodeRuns automatically (`false` leaves them queued).
+    #[arg(
+        long,
+        env = "JARVIS_RUN_COORDINATOR_AUTO_DISPATCH",
+        default_value = "true"
+    )]
+    pub auto_dispatch: String,
+    /// Deadline of a NodeRun whose constraints set no `budgets.max_wall_time_ms`.
+    #[arg(long, env = "JARVIS_NODE_RUN_TIMEOUT", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub node_run_timeout: Duration,
+    /// How many NodeRuns may be in dispatch at once.
+    #[arg(long, env = "JARVIS_DISPATCH_CONCURRENCY", default_value_t = 1024)]
+    pub dispatch_concurrency: usize,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub db_path: PathBuf,
+    pub atomic_executor_url: Option<String>,
+    pub composite_executor_url: Option<String>,
+    pub node_registry_url: Option<String>,
+    pub pdp_url: Option<String>,
+    pub policy: LocalPolicy,
+    pub public_url: Option<String>,
+    pub auto_dispatch: bool,
+    pub node_run_timeout: Duration,
+    pub dispatch_concurrency: usize,
+}
+
+/// The decision taken when no PDP is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalPolicy {
+    /// `JARVIS_POLICY_PROFILE=dev-allow` (or legacy `ARP_POLICY_MODE=allow_all`).
+    AllowAll,
+    DenyAll,
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> anyhow::Result<Self> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let url = |primary: Option<String>, fallback: &str| {
+            primary
+                .filter(|v| !v.trim().is_empty())
+                .or_else(|| env(fallback))
+                .map(|u| normalize_url(&u))
+        };
+        let profile = args
+            .policy_profile
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        let legacy = env("ARP_POLICY_MODE")
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        let policy = if profile == "dev-allow" || legacy == "allow_all" {
+            LocalPolicy::AllowAll
+        } else {
+            LocalPolicy::DenyAll
+        };
+        let listen = format!("{}:{}", args.host, args.port);
+        let auto_dispatch = !matches!(
+            args.auto_dispatch.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "no" | "off"
+        );
+        if args.dispatch_concurrency == 0 {
+            anyhow::bail!("--dispatch-concurrency must be at least 1");
+        }
+        Ok(Self {
+            listen,
+            db_path: args.db.unwrap_or_else(default_db_path),
+            atomic_executor_url: url(args.atomic_executor_url, "ARP_ATOMIC_EXECUTOR_URL"),
+            composite_executor_url: url(args.composite_executor_url, "ARP_COMPOSITE_EXECUTOR_URL"),
+            node_registry_url: url(args.node_registry_url, "ARP_NODE_REGISTRY_URL"),
+            pdp_url: url(args.pdp_url, "ARP_PDP_URL"),
+            policy,
+            public_url: url(args.public_url, "JARVIS_RUN_COORDINATOR_URL"),
+            auto_dispatch,
+            node_run_timeout: args.node_run_timeout,
+            dispatch_concurrency: args.dispatch_concurrency,
+        })
+    }
+
+    /// The public URL, or one derived from the bound address when none was configured.
+    pub fn public_url_or(&self, bound: SocketAddr) -> String {
+        self.public_url.clone().unwrap_or_else(|| {
+            let host = if bound.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                bound.ip().to_string()
+            };
+            format!("http://{host}:{}", bound.port())
+        })
+    }
+}
+
+/// Strips whitespace, a trailing slash and a trailing `/v1`, as the Python services do.
+pub fn normalize_url(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/');
+    url.strip_suffix("/v1").unwrap_or(url).to_owned()
+}
+
+fn default_db_path() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
+    match base {
+        Some(base) => base.join("jarvis").join("run-coordinator.sqlite3"),
+        None => PathBuf::from("jarvis-run-coordinator.sqlite3"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_normalized_like_the_python_services() {
+        assert_eq!(
+            normalize_url(" http://127.0.0.1:8082/v1/ "),
+            "http://127.0.0.1:8082"
+        );
+        assert_eq!(
+            normalize_url("http://127.0.0.1:8082"),
+            "http://127.0.0.1:8082"
+        );
+    }
+}

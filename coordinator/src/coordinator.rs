@@ -1,0 +1,908 @@
+//! The Run Coordinator's operations: each API call is one store transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arp_types::run::{
+    EvaluationResult, EvaluationStatus, NodeRun, NodeRunCompleteRequest, NodeRunCreateSpec,
+    NodeRunEvaluationReportRequest, NodeRunsCreateRequest, NodeRunsCreateResponse, Run,
+    RunEventType, RunStartRequest, RunState,
+};
+use arp_types::time::now_rfc3339;
+use arp_types::{
+    ConstraintEnvelope, ErrorDetail, Extensions, JsonObject, NodeKind, NodeRunState, ResourceRef,
+};
+use rand::Rng;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{NodeCatalog, NodeTypeInfo};
+use crate::clients::{AtomicExecutorClient, CompositeExecutorClient};
+use crate::config::Config;
+use crate::constraints;
+use crate::error::ApiError;
+use crate::policy::{self, Policy, PolicySubject};
+use crate::store::{NodeRunRow, Store, StoreError, Tx, now_ms};
+
+/// Extension keys the coordinator owns on Runs and NodeRuns.
+pub mod ext {
+    pub const CONSTRAINTS: &str = "jarvis.constraints";
+    pub const BINDING_DECISION: &str = "jarvis.binding_decision";
+    pub const CANDIDATE_SET_ID: &str = "jarvis.candidate_set_id";
+    pub const IDEMPOTENCY_KEY: &str = "jarvis.idempotency_key";
+    pub const DECOMPOSITION_ROUNDS: &str = "jarvis.decomposition_rounds";
+    pub const COMPLETION_ERROR: &str = "jarvis.completion_error";
+    pub const ALL: [&str; 6] = [
+        CONSTRAINTS,
+        BINDING_DECISION,
+        CANDIDATE_SET_ID,
+        IDEMPOTENCY_KEY,
+        DECOMPOSITION_ROUNDS,
+        COMPLETION_ERROR,
+    ];
+}
+
+/// Everything the API handlers and the dispatcher share.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub store: Store,
+    pub config: Config,
+    pub catalog: NodeCatalog,
+    pub policy: Policy,
+    pub atomic: Option<AtomicExecutorClient>,
+    pub composite: Option<CompositeExecutorClient>,
+    /// Where composite executors call back.
+    pub public_url: String,
+    pub watchers: Arc<crate::events::RunWatchers>,
+}
+
+/// A NodeRun whose executor must be told to stop, once the transaction has committed.
+#[derive(Debug, Clone)]
+pub struct ExecutorCancel {
+    pub node_run_id: String,
+    pub kind: Option<NodeKind>,
+}
+
+/// How a NodeRun ends.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub state: NodeRunState,
+    pub outputs: Option<JsonObject>,
+    pub output_artifacts: Option<Vec<ResourceRef>>,
+    pub error: Option<ErrorDetail>,
+}
+
+impl Completion {
+    pub fn failed(error: ErrorDetail) -> Self {
+        Self {
+            state: NodeRunState::Failed,
+            outputs: None,
+            output_artifacts: None,
+            error: Some(error),
+        }
+    }
+}
+
+impl Coordinator {
+    pub async fn start_run(self: &Arc<Self>, req: RunStartRequest) -> Result<Run, ApiError> {
+        if let Some(id) = &req.run_id
+            && id.trim().is_empty()
+        {
+            return Err(ApiError::invalid_request("run_id: must not be empty"));
+        }
+        validate_constraints(req.constraints.as_ref())?;
+        let run_id = req.run_id.clone().unwrap_or_else(|| new_id("run"));
+        let root_id = new_id("node_run");
+        let info = self.catalog.lookup(&req.root_node_type_ref).await;
+        let root_constraints =
+            constraints::merge([req.constraints.as_ref(), info.constraints.as_ref()]);
+        let decision = self
+            .policy
+            .decide(
+                "run.start",
+                PolicySubject {
+                    run_id: &run_id,
+                    node_run_id: &root_id,
+                    node_type_ref: &req.root_node_type_ref,
+                    run_context: req.run_context.as_ref(),
+                },
+            )
+            .await;
+        let allowed = policy::allows(&decision);
+        let deadline_at = self.deadline_for(root_constraints.as_ref());
+        let dispatch = allowed && self.config.auto_dispatch;
+        let now = now_rfc3339();
+        let client_extensions = strip_owned(req.extensions.clone());
+
+        let run = Run {
+            run_id: run_id.clone(),
+            state: RunState::Running,
+            root_node_run_id: root_id.clone(),
+            run_context: req.run_context.clone(),
+            started_at: Some(now.clone()),
+            ended_at: None,
+            extensions: extensions_with(
+                client_extensions.as_ref(),
+                [(ext::CONSTRAINTS, to_value(&req.constraints))],
+            ),
+        };
+        let root = NodeRun {
+            node_run_id: root_id.clone(),
+            run_id: run_id.clone(),
+            node_type_ref: req.root_node_type_ref.clone(),
+            kind: info.kind,
+            parent_node_run_id: None,
+            state: NodeRunState::Queued,
+            created_at: Some(now),
+            started_at: None,
+            ended_at: None,
+            inputs: Some(req.input),
+            outputs: None,
+            output_artifacts: None,
+            executor_binding: None,
+            evaluation_result: None,
+            recovery_actions: None,
+            extensions: extensions_with(
+                client_extensions.as_ref(),
+                [(ext::CONSTRAINTS, to_value(&root_constraints))],
+            ),
+        };
+
+        let (run, cancels) = self
+            .store
+            .write(move |tx| -> Result<_, ApiError> {
+                if tx.run(&run.run_id)?.is_some() {
+                    return Err(ApiError::conflict(
+                        "run_already_exists",
+                        format!("Run '{}' already exists", run.run_id),
+                    ));
+                }
+                tx.insert_run(&run)?;
+                tx.append_event(
+                    &run.run_id,
+                    None,
+                    RunEventType::RunStarted,
+                    Some(obj([("root_node_run_id", json!(root_id))])),
+                )?;
+                tx.insert_node_run(&root, 0, deadline_at, dispatch)?;
+                tx.append_event(
+                    &run.run_id,
+                    Some(&root_id),
+                    RunEventType::NodeRunAssigned,
+                    Some(obj([("root", json!(true))])),
+                )?;
+                tx.append_event(
+                    &run.run_id,
+                    Some(&root_id),
+                    RunEventType::PolicyDecided,
+                    Some(policy::event_data("run.start", &decision)),
+                )?;
+                let mut cancels = Vec::new();
+                if !allowed {
+                    let error = ErrorDetail::new("policy_denied", "Run start denied by policy");
+                    cancels = complete_in_tx(tx, root, Completion::failed(error))?;
+                }
+                let run = tx.run(&run.run_id)?.ok_or(StoreError::Closed)?;
+                Ok((run, cancels))
+            })
+            .await?;
+        self.cancel_at_executors(cancels);
+        Ok(run)
+    }
+
+    pub async fn get_run(&self, run_id: String) -> Result<Run, ApiError> {
+        let msg = format!("Run '{run_id}' not found");
+        self.store
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("run_not_found", msg))
+    }
+
+    pub async fn get_node_run(&self, node_run_id: String) -> Result<NodeRun, ApiError> {
+        let msg = format!("NodeRun '{node_run_id}' not found");
+        let row = self.store.get_node_run(node_run_id).await?;
+        row.map(|r| r.node_run)
+            .ok_or_else(|| ApiError::not_found("node_run_not_found", msg))
+    }
+
+    pub async fn cancel_run(self: &Arc<Self>, run_id: String) -> Result<Run, ApiError> {
+        let (run, cancels) = self
+            .store
+            .write(move |tx| -> Result<_, ApiError> {
+                let mut run = tx.run(&run_id)?.ok_or_else(|| {
+                    ApiError::not_found("run_not_found", format!("Run '{run_id}' not found"))
+                })?;
+                if run.state.is_terminal() {
+                    return Ok((run, Vec::new()));
+                }
+                run.state = RunState::Canceled;
+                run.ended_at = Some(now_rfc3339());
+                tx.update_run(&run)?;
+                let cancels = cancel_open_node_runs(tx, &run.run_id)?;
+                tx.append_event(
+                    &run.run_id,
+                    None,
+                    RunEventType::RunCompleted,
+                    Some(obj([("state", json!("canceled"))])),
+                )?;
+                Ok((run, cancels))
+            })
+            .await?;
+        self.cancel_at_executors(cancels);
+        Ok(run)
+    }
+
+    pub async fn create_node_runs(
+        self: &Arc<Self>,
+        req: NodeRunsCreateRequest,
+    ) -> Result<NodeRunsCreateResponse, ApiError> {
+        if req.node_runs.is_empty() {
+            return Err(ApiError::invalid_request(
+                "node_runs: must contain at least 1 item",
+            ));
+        }
+        for spec in &req.node_runs {
+            validate_constraints(spec.constraints.as_ref())?;
+        }
+        // Cheap checks first so a bad request costs no catalog lookups; the
+        // transaction below checks everything again against committed state.
+        let run = self.get_run(req.run_id.clone()).await?;
+        let parent = self
+            .store
+            .get_node_run(req.parent_node_run_id.clone())
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "parent_node_run_not_found",
+                    format!("Parent NodeRun '{}' not found", req.parent_node_run_id),
+                )
+            })?;
+        if parent.node_run.run_id != run.run_id {
+            return Err(parent_mismatch());
+        }
+        let parent_kind = match parent.node_run.kind {
+            Some(kind) => Some(kind),
+            None => {
+                self.catalog
+                    .lookup(&parent.node_run.node_type_ref)
+                    .await
+                    .kind
+            }
+        };
+        if parent_kind != Some(NodeKind::Composite) {
+            return Err(parent_invalid());
+        }
+        let mut infos: Vec<NodeTypeInfo> = Vec::with_capacity(req.node_runs.len());
+        for spec in &req.node_runs {
+            infos.push(self.catalog.lookup(&spec.node_type_ref).await);
+        }
+        let auto_dispatch = self.config.auto_dispatch;
+        let default_timeout = self.config.node_run_timeout;
+
+        self.store
+            .write(move |tx| {
+                create_node_runs_in_tx(tx, req, parent_kind, infos, auto_dispatch, default_timeout)
+            })
+            .await
+    }
+
+    pub async fn complete_node_run(
+        self: &Arc<Self>,
+        node_run_id: String,
+        req: NodeRunCompleteRequest,
+    ) -> Result<(), ApiError> {
+        let cancels = self
+            .store
+            .write(move |tx| -> Result<_, ApiError> {
+                let row = open_node_run(tx, &node_run_id)?;
+                let completion = Completion {
+                    state: req.state.into(),
+                    outputs: req.outputs,
+                    output_artifacts: req.output_artifacts,
+                    error: req.error,
+                };
+                Ok(complete_in_tx(tx, row.node_run, completion)?)
+            })
+            .await?;
+        self.cancel_at_executors(cancels);
+        Ok(())
+    }
+
+    pub async fn report_evaluation(
+        &self,
+        node_run_id: String,
+        req: NodeRunEvaluationReportRequest,
+    ) -> Result<(), ApiError> {
+        if let Err((path, msg)) = req.evaluation_result.validate() {
+            return Err(ApiError::invalid_request(format!("{path}: {msg}")));
+        }
+        self.store
+            .write(move |tx| -> Result<_, ApiError> {
+                let row = open_node_run(tx, &node_run_id)?;
+                evaluate_in_tx(tx, row.node_run, req.evaluation_result, req.recovery_action)?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Fails an open NodeRun (no-op if it already ended) and stops its executor if it was running.
+    pub async fn fail_node_run(
+        self: &Arc<Self>,
+        node_run_id: &str,
+        error: ErrorDetail,
+    ) -> Result<(), StoreError> {
+        let id = node_run_id.to_owned();
+        let cancels = self
+            .store
+            .write(move |tx| -> Result<_, StoreError> {
+                let Some(row) = tx.node_run(&id)? else {
+                    return Ok(Vec::new());
+                };
+                if row.node_run.state.is_terminal() {
+                    return Ok(Vec::new());
+                }
+                let was_running = row.node_run.state == NodeRunState::Running;
+                let kind = row.node_run.kind;
+                let mut cancels = complete_in_tx(tx, row.node_run, Completion::failed(error))?;
+                if was_running {
+                    cancels.push(ExecutorCancel {
+                        node_run_id: id,
+                        kind,
+                    });
+                }
+                Ok(cancels)
+            })
+            .await?;
+        self.cancel_at_executors(cancels);
+        Ok(())
+    }
+
+    /// Tells executors to stop NodeRuns that were canceled; best effort, in the background.
+    pub fn cancel_at_executors(self: &Arc<Self>, cancels: Vec<ExecutorCancel>) {
+        for cancel in cancels {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let result = match cancel.kind {
+                    Some(NodeKind::Atomic) => match &this.atomic {
+                        Some(atomic) => atomic.cancel(&cancel.node_run_id).await,
+                        None => Ok(()),
+                    },
+                    Some(NodeKind::Composite) => match &this.composite {
+                        Some(composite) => composite.cancel(&cancel.node_run_id).await,
+                        None => Ok(()),
+                    },
+                    None => Ok(()),
+                };
+                if let Err(err) = result {
+                    tracing::warn!(node_run_id = %cancel.node_run_id, error = %err, "executor cancel failed");
+                }
+            });
+        }
+    }
+
+    /// A NodeRun's deadline: its `max_wall_time_ms`, else the configured default, from now.
+    pub fn deadline_for(&self, constraints: Option<&ConstraintEnvelope>) -> i64 {
+        deadline_for(constraints, self.config.node_run_timeout)
+    }
+}
+
+fn deadline_for(constraints: Option<&ConstraintEnvelope>, default_timeout: Duration) -> i64 {
+    let budget = constraints
+        .and_then(ConstraintEnvelope::max_wall_time_ms)
+        .unwrap_or(default_timeout.as_millis() as u64);
+    now_ms().saturating_add(budget.min(i64::MAX as u64 / 2) as i64)
+}
+
+fn create_node_runs_in_tx(
+    tx: &mut Tx<'_>,
+    req: NodeRunsCreateRequest,
+    parent_kind: Option<NodeKind>,
+    infos: Vec<NodeTypeInfo>,
+    auto_dispatch: bool,
+    default_timeout: Duration,
+) -> Result<NodeRunsCreateResponse, ApiError> {
+    let run = tx.run(&req.run_id)?.ok_or_else(|| {
+        ApiError::not_found("run_not_found", format!("Run '{}' not found", req.run_id))
+    })?;
+    let parent_row = tx.node_run(&req.parent_node_run_id)?.ok_or_else(|| {
+        ApiError::not_found(
+            "parent_node_run_not_found",
+            format!("Parent NodeRun '{}' not found", req.parent_node_run_id),
+        )
+    })?;
+    let mut parent = parent_row.node_run;
+    if parent.run_id != run.run_id {
+        return Err(parent_mismatch());
+    }
+    if parent.kind.or(parent_kind) != Some(NodeKind::Composite) {
+        return Err(parent_invalid());
+    }
+    if run.state.is_terminal() {
+        return Err(ApiError::conflict(
+            "run_not_active",
+            format!(
+                "Run '{}' is {}; no NodeRuns can be created in it",
+                run.run_id,
+                run.state.as_str()
+            ),
+        ));
+    }
+    if parent.state.is_terminal() {
+        return Err(ApiError::conflict(
+            "parent_node_run_terminal",
+            format!("Parent NodeRun '{}' has already ended", parent.node_run_id),
+        ));
+    }
+
+    let run_constraints = constraints_of(run.extensions.as_ref());
+    let parent_constraints = constraints_of(parent.extensions.as_ref());
+    let structural = constraints::merge([run_constraints.as_ref(), parent_constraints.as_ref()])
+        .and_then(|c| c.structural);
+
+    let mut response: Vec<NodeRun> = Vec::with_capacity(req.node_runs.len());
+    let mut new_runs: Vec<(NodeRun, i64)> = Vec::new();
+    for (spec, info) in req.node_runs.iter().zip(&infos) {
+        let effective = constraints::merge([
+            run_constraints.as_ref(),
+            info.constraints.as_ref(),
+            spec.constraints.as_ref(),
+        ]);
+        let node_run_id = match &spec.idempotency_key {
+            Some(key) => idempotent_node_run_id(&req.run_id, &req.parent_node_run_id, key),
+            None => new_id("node_run"),
+        };
+        if spec.idempotency_key.is_some() {
+            let earlier = match tx.node_run(&node_run_id)? {
+                Some(row) => Some(row.node_run),
+                None => new_runs
+                    .iter()
+                    .find(|(n, _)| n.node_run_id == node_run_id)
+                    .map(|(n, _)| n.clone()),
+            };
+            if let Some(existing) = earlier {
+                assert_idempotent_match(&existing, spec, &req, effective.as_ref())?;
+                response.push(existing);
+                continue;
+            }
+        }
+        let candidate_set_id = spec.candidate_set_id.clone().or_else(|| {
+            spec.binding_decision
+                .as_ref()
+                .and_then(|b| b.candidate_set_id.clone())
+        });
+        let extensions = extensions_with(
+            strip_owned(spec.extensions.clone()).as_ref(),
+            [
+                (ext::BINDING_DECISION, to_value(&spec.binding_decision)),
+                (ext::CANDIDATE_SET_ID, to_value(&candidate_set_id)),
+                (ext::IDEMPOTENCY_KEY, to_value(&spec.idempotency_key)),
+                (ext::CONSTRAINTS, to_value(&effective)),
+            ],
+        );
+        let node_run = NodeRun {
+            node_run_id,
+            run_id: req.run_id.clone(),
+            node_type_ref: spec.node_type_ref.clone(),
+            kind: info.kind,
+            parent_node_run_id: Some(req.parent_node_run_id.clone()),
+            state: NodeRunState::Queued,
+            created_at: Some(now_rfc3339()),
+            started_at: None,
+            ended_at: None,
+            inputs: Some(spec.inputs.clone()),
+            outputs: None,
+            output_artifacts: None,
+            executor_binding: None,
+            evaluation_result: None,
+            recovery_actions: None,
+            extensions,
+        };
+        response.push(node_run.clone());
+        new_runs.push((node_run, deadline_for(effective.as_ref(), default_timeout)));
+    }
+
+    let new_count = new_runs.len() as u64;
+    if new_count == 0 {
+        return Ok(NodeRunsCreateResponse {
+            node_runs: response,
+            extensions: req.extensions,
+        });
+    }
+    let rounds = parent
+        .extensions
+        .as_ref()
+        .and_then(|e| e.get(ext::DECOMPOSITION_ROUNDS))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if let Some(s) = &structural {
+        let violation = |what: &str| {
+            ApiError::conflict(
+                "constraint_violation",
+                format!("{what} constraint violated"),
+            )
+        };
+        if s.max_depth.is_some_and(|max| parent_row.depth + 1 > max) {
+            return Err(violation("max_depth"));
+        }
+        if let Some(max) = s.max_children_per_composite
+            && tx.count_children(&parent.node_run_id)? + new_count > max
+        {
+            return Err(violation("max_children_per_composite"));
+        }
+        if let Some(max) = s.max_total_nodes_per_run
+            && tx.count_node_runs(&run.run_id)? + new_count > max
+        {
+            return Err(violation("max_total_nodes_per_run"));
+        }
+        if s.max_decomposition_rounds_per_node
+            .is_some_and(|max| rounds + 1 > max)
+        {
+            return Err(violation("max_decomposition_rounds_per_node"));
+        }
+    }
+
+    tx.append_event(
+        &run.run_id,
+        Some(&parent.node_run_id),
+        RunEventType::CompositeDecomposed,
+        Some(obj([("node_run_count", json!(new_count))])),
+    )?;
+    parent.extensions = extensions_with(
+        parent.extensions.as_ref(),
+        [(ext::DECOMPOSITION_ROUNDS, json!(rounds + 1))],
+    );
+    tx.update_node_run(&parent)?;
+
+    for (node_run, deadline_at) in &new_runs {
+        tx.insert_node_run(node_run, parent_row.depth + 1, *deadline_at, auto_dispatch)?;
+        let id = Some(node_run.node_run_id.as_str());
+        tx.append_event(
+            &run.run_id,
+            id,
+            RunEventType::NodeRunAssigned,
+            Some(obj([("parent_node_run_id", json!(parent.node_run_id))])),
+        )?;
+        let extensions = node_run.extensions.as_ref();
+        let binding = extensions
+            .and_then(|e| e.get(ext::BINDING_DECISION))
+            .cloned();
+        if let Some(Value::Object(binding)) = &binding {
+            tx.append_event(
+                &run.run_id,
+                id,
+                RunEventType::SubtaskMapped,
+                Some(binding.clone()),
+            )?;
+        }
+        if let Some(candidate_set_id) = extensions.and_then(|e| e.get(ext::CANDIDATE_SET_ID)) {
+            let mut data = obj([("candidate_set_id", candidate_set_id.clone())]);
+            if let Some(subtask) = binding.as_ref().and_then(|b| b.get("subtask_id")) {
+                data.insert("subtask_id".into(), subtask.clone());
+            }
+            tx.append_event(
+                &run.run_id,
+                id,
+                RunEventType::CandidateSetGenerated,
+                Some(data),
+            )?;
+        }
+    }
+    Ok(NodeRunsCreateResponse {
+        node_runs: response,
+        extensions: req.extensions,
+    })
+}
+
+/// Ends a NodeRun: state, outputs, `atomic_executed`, and when it is the root,
+/// the Run's end (`run_completed`) and the cancellation of whatever is still open.
+pub fn complete_in_tx(
+    tx: &mut Tx<'_>,
+    mut node_run: NodeRun,
+    completion: Completion,
+) -> Result<Vec<ExecutorCancel>, StoreError> {
+    node_run.state = completion.state;
+    node_run.outputs = completion.outputs;
+    node_run.output_artifacts = completion.output_artifacts;
+    node_run.ended_at = Some(now_rfc3339());
+    if let Some(error) = &completion.error {
+        node_run.extensions = extensions_with(
+            node_run.extensions.as_ref(),
+            [(ext::COMPLETION_ERROR, to_value(error))],
+        );
+    }
+    tx.update_node_run(&node_run)?;
+    let state = json!(crate::store::state_str(node_run.state));
+    if node_run.kind == Some(NodeKind::Atomic) {
+        tx.append_event(
+            &node_run.run_id,
+            Some(&node_run.node_run_id),
+            RunEventType::AtomicExecuted,
+            Some(obj([("state", state.clone())])),
+        )?;
+    }
+    let mut cancels = Vec::new();
+    if let Some(mut run) = tx.run(&node_run.run_id)?
+        && run.root_node_run_id == node_run.node_run_id
+        && !run.state.is_terminal()
+    {
+        run.state = match node_run.state {
+            NodeRunState::Failed => RunState::Failed,
+            NodeRunState::Canceled => RunState::Canceled,
+            _ => RunState::Succeeded,
+        };
+        run.ended_at = node_run.ended_at.clone();
+        tx.update_run(&run)?;
+        cancels = cancel_open_node_runs(tx, &run.run_id)?;
+        tx.append_event(
+            &run.run_id,
+            Some(&node_run.node_run_id),
+            RunEventType::RunCompleted,
+            Some(obj([("state", json!(run.state.as_str()))])),
+        )?;
+    }
+    Ok(cancels)
+}
+
+/// Records an evaluation (and recovery hint) with its events.
+pub fn evaluate_in_tx(
+    tx: &mut Tx<'_>,
+    mut node_run: NodeRun,
+    evaluation: EvaluationResult,
+    recovery: Option<arp_types::run::RecoveryAction>,
+) -> Result<NodeRun, StoreError> {
+    node_run.evaluation_result = Some(evaluation.clone());
+    node_run.recovery_actions = recovery.clone().map(|r| vec![r]);
+    tx.update_node_run(&node_run)?;
+    let id = Some(node_run.node_run_id.as_str());
+    tx.append_event(
+        &node_run.run_id,
+        id,
+        RunEventType::NodeEvaluated,
+        Some(to_object(&evaluation)),
+    )?;
+    if let Some(recovery) = &recovery {
+        tx.append_event(
+            &node_run.run_id,
+            id,
+            RunEventType::RecoveryApplied,
+            Some(to_object(recovery)),
+        )?;
+    }
+    Ok(node_run)
+}
+
+/// The atomic executor's result becomes an evaluation plus a completion, as in the Python coordinator.
+pub fn record_atomic_result(
+    tx: &mut Tx<'_>,
+    node_run: NodeRun,
+    completion: Completion,
+) -> Result<Vec<ExecutorCancel>, StoreError> {
+    let status = if completion.state == NodeRunState::Succeeded {
+        EvaluationStatus::Success
+    } else {
+        EvaluationStatus::Fail
+    };
+    let evaluation = EvaluationResult {
+        status,
+        reason_code: Some("atomic_completed".into()),
+        message: None,
+        details: None,
+        confidence: None,
+        extensions: None,
+    };
+    let node_run = evaluate_in_tx(tx, node_run, evaluation, None)?;
+    complete_in_tx(tx, node_run, completion)
+}
+
+/// Cancels every open NodeRun of the run; returns those an executor is working on.
+fn cancel_open_node_runs(tx: &mut Tx<'_>, run_id: &str) -> Result<Vec<ExecutorCancel>, StoreError> {
+    let mut cancels = Vec::new();
+    let ended_at = now_rfc3339();
+    for mut node_run in tx.open_node_runs(run_id)? {
+        if node_run.state == NodeRunState::Running {
+            cancels.push(ExecutorCancel {
+                node_run_id: node_run.node_run_id.clone(),
+                kind: node_run.kind,
+            });
+        }
+        node_run.state = NodeRunState::Canceled;
+        node_run.ended_at = Some(ended_at.clone());
+        tx.update_node_run(&node_run)?;
+    }
+    Ok(cancels)
+}
+
+fn open_node_run(tx: &Tx<'_>, node_run_id: &str) -> Result<NodeRunRow, ApiError> {
+    let row = tx.node_run(node_run_id)?.ok_or_else(|| {
+        ApiError::not_found(
+            "node_run_not_found",
+            format!("NodeRun '{node_run_id}' not found"),
+        )
+    })?;
+    if row.node_run.state.is_terminal() {
+        return Err(ApiError::conflict(
+            "node_run_already_terminal",
+            format!(
+                "NodeRun '{node_run_id}' has already ended ({})",
+                crate::store::state_str(row.node_run.state)
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+fn assert_idempotent_match(
+    existing: &NodeRun,
+    spec: &NodeRunCreateSpec,
+    req: &NodeRunsCreateRequest,
+    expected_constraints: Option<&ConstraintEnvelope>,
+) -> Result<(), ApiError> {
+    let conflict = |what: &str| {
+        ApiError::conflict(
+            "idempotency_conflict",
+            format!("Idempotency key already used for a different {what}"),
+        )
+    };
+    if existing.run_id != req.run_id
+        || existing.parent_node_run_id.as_deref() != Some(&req.parent_node_run_id)
+    {
+        return Err(conflict("parent/run"));
+    }
+    if existing.node_type_ref != spec.node_type_ref {
+        return Err(conflict("NodeTypeRef"));
+    }
+    if existing.inputs.as_ref() != Some(&spec.inputs) {
+        return Err(conflict("inputs"));
+    }
+    let stored = |key: &str| {
+        existing
+            .extensions
+            .as_ref()
+            .and_then(|e| e.get(key))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let candidate_set_id = spec.candidate_set_id.clone().or_else(|| {
+        spec.binding_decision
+            .as_ref()
+            .and_then(|b| b.candidate_set_id.clone())
+    });
+    for (key, expected) in [
+        (ext::BINDING_DECISION, to_value(&spec.binding_decision)),
+        (ext::CANDIDATE_SET_ID, to_value(&candidate_set_id)),
+        (ext::CONSTRAINTS, to_value(&expected_constraints)),
+    ] {
+        if stored(key) != expected {
+            return Err(conflict(key.trim_start_matches("jarvis.")));
+        }
+    }
+    Ok(())
+}
+
+fn parent_mismatch() -> ApiError {
+    ApiError::conflict(
+        "parent_node_run_mismatch",
+        "Parent NodeRun does not belong to the requested run",
+    )
+}
+
+fn parent_invalid() -> ApiError {
+    ApiError::conflict(
+        "parent_node_run_invalid",
+        "Parent NodeRun must be composite to create child NodeRuns",
+    )
+}
+
+fn validate_constraints(constraints: Option<&ConstraintEnvelope>) -> Result<(), ApiError> {
+    match constraints.map(ConstraintEnvelope::validate) {
+        Some(Err((path, msg))) => Err(ApiError::invalid_request(format!("{path}: {msg}"))),
+        _ => Ok(()),
+    }
+}
+
+/// The constraints the coordinator stored on a Run or NodeRun.
+pub fn constraints_of(extensions: Option<&Extensions>) -> Option<ConstraintEnvelope> {
+    let value = extensions?.get(ext::CONSTRAINTS)?;
+    match serde_json::from_value(value.clone()) {
+        Ok(c) => Some(c),
+        Err(err) => {
+            tracing::error!(error = %err, "stored constraints are invalid; ignoring them");
+            None
+        }
+    }
+}
+
+/// `base` (minus keys the coordinator owns, so a client cannot forge them) plus
+/// `entries` whose value is not null; `None` if the result is empty.
+pub fn extensions_with<const N: usize>(
+    base: Option<&Extensions>,
+    entries: [(&str, Value); N],
+) -> Option<Extensions> {
+    let mut map = base.map(|e| e.as_map().clone()).unwrap_or_default();
+    for (key, value) in entries {
+        if value.is_null() {
+            map.remove(key);
+        } else {
+            map.insert(key.to_owned(), value);
+        }
+    }
+    Extensions::new(map).ok().filter(|e| !e.is_empty())
+}
+
+/// Removes coordinator-owned keys from client-supplied extensions.
+pub fn strip_owned(extensions: Option<Extensions>) -> Option<Extensions> {
+    let mut map = extensions?.into_map();
+    for key in ext::ALL {
+        map.remove(key);
+    }
+    Extensions::new(map).ok().filter(|e| !e.is_empty())
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+fn to_object<T: serde::Serialize>(value: &T) -> JsonObject {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(map)) => map,
+        _ => JsonObject::new(),
+    }
+}
+
+fn obj<const N: usize>(entries: [(&str, Value); N]) -> JsonObject {
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
+/// `<prefix>_<32 hex>`, random.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{:032x}", rand::rng().random::<u128>())
+}
+
+/// The Python coordinator's deterministic id: `node_run_` + the first 32 hex
+/// digits of sha256("{run_id}:{parent_node_run_id}:{idempotency_key}").
+pub fn idempotent_node_run_id(
+    run_id: &str,
+    parent_node_run_id: &str,
+    idempotency_key: &str,
+) -> String {
+    let digest =
+        Sha256::digest(format!("{run_id}:{parent_node_run_id}:{idempotency_key}").as_bytes());
+    let mut hex = String::with_capacity(32);
+    for byte in &digest[..16] {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    format!("node_run_{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_ids_match_the_python_coordinator() {
+        // python: "node_run_" + hashlib.sha256(b"run_1:node_run_p:k1").hexdigest()[:32]
+        assert_eq!(
+            idempotent_node_run_id("run_1", "node_run_p", "k1"),
+            "node_run_55a279293b109e93f7ad28b362dbd182"
+        );
+    }
+
+    #[test]
+    fn owned_extension_keys_are_stripped_and_nulls_dropped() {
+        let client: Extensions =
+            serde_json::from_value(json!({"jarvis.constraints": {"x": 1}, "acme.tag": "t"}))
+                .unwrap();
+        let stripped = strip_owned(Some(client));
+        let merged = extensions_with(
+            stripped.as_ref(),
+            [(ext::CONSTRAINTS, Value::Null), ("jarvis.other", json!(1))],
+        );
+        assert_eq!(
+            serde_json::to_value(merged).unwrap(),
+            json!({"acme.tag": "t", "jarvis.other": 1})
+        );
+    }
+}

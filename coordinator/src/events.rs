@@ -1,0 +1,207 @@
+//! NDJSON event streams: stored events in seq order, then live ones until the run is terminal.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use crate::coordinator::Coordinator;
+use crate::store::{self, StoreError};
+
+/// Events read per store round trip.
+const PAGE: usize = 512;
+/// A follower re-checks the store at least this often even without a notification.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Which events of the run a stream carries.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Run,
+    /// This NodeRun and its descendants (run-level events excluded).
+    NodeRun(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamRequest {
+    pub run_id: String,
+    pub scope: Scope,
+    /// Resume: only events with a greater seq.
+    pub after_seq: Option<u64>,
+    /// Keep the stream open until the run is terminal.
+    pub follow: bool,
+}
+
+/// Wakes the streams following a run when a commit adds events to it. Only runs
+/// with followers have an entry, so a commit costs one map lookup per run.
+#[derive(Debug, Default)]
+pub struct RunWatchers {
+    by_run: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl RunWatchers {
+    pub fn notify(&self, run_id: &str) {
+        if let Some(notify) = self.by_run.lock().unwrap().get(run_id) {
+            notify.notify_waiters();
+        }
+    }
+
+    fn watch(self: &Arc<Self>, run_id: &str) -> Watch {
+        let notify = self
+            .by_run
+            .lock()
+            .unwrap()
+            .entry(run_id.to_owned())
+            .or_default()
+            .clone();
+        Watch {
+            watchers: self.clone(),
+            run_id: run_id.to_owned(),
+            notify,
+        }
+    }
+}
+
+/// One follower's registration; the entry goes when its last follower does.
+struct Watch {
+    watchers: Arc<RunWatchers>,
+    run_id: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut by_run = self.watchers.by_run.lock().unwrap();
+        // The map's reference plus ours: we are the last follower.
+        if Arc::strong_count(&self.notify) == 2 {
+            by_run.remove(&self.run_id);
+        }
+    }
+}
+
+struct Cursor {
+    coord: Arc<Coordinator>,
+    req: StreamRequest,
+    watch: Watch,
+    done: bool,
+}
+
+/// The stream of NDJSON chunks (one or more whole lines each).
+pub fn ndjson(
+    coord: Arc<Coordinator>,
+    req: StreamRequest,
+) -> impl Stream<Item = Result<Bytes, StoreError>> {
+    let watch = coord.watchers.watch(&req.run_id);
+    let cursor = Cursor {
+        coord,
+        req,
+        watch,
+        done: false,
+    };
+    futures_util::stream::unfold(cursor, |mut cursor| async move {
+        if cursor.done {
+            return None;
+        }
+        match next_chunk(&mut cursor).await {
+            Ok(Some(chunk)) => Some((Ok(chunk), cursor)),
+            Ok(None) => None,
+            Err(err) => {
+                cursor.done = true;
+                Some((Err(err), cursor))
+            }
+        }
+    })
+}
+
+struct Page {
+    terminal: bool,
+    events: Vec<store::StoredEvent>,
+    scope_ids: Option<HashSet<String>>,
+}
+
+async fn next_chunk(cursor: &mut Cursor) -> Result<Option<Bytes>, StoreError> {
+    loop {
+        // Registered before the read, so a commit between the read and the wait still wakes us.
+        let notify = cursor.watch.notify.clone();
+        let changed = notify.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (run_id, after, scope) = (
+            cursor.req.run_id.clone(),
+            cursor.req.after_seq,
+            cursor.req.scope.clone(),
+        );
+        let page = cursor
+            .coord
+            .store
+            .read(move |conn| {
+                // The state is read first: if it is terminal, the events read
+                // next include run_completed, committed with that state.
+                let terminal =
+                    store::load_run(conn, &run_id)?.is_none_or(|r| r.state.is_terminal());
+                let events = store::events_after(conn, &run_id, after, PAGE)?;
+                let scope_ids = match (&scope, events.is_empty()) {
+                    (Scope::NodeRun(root), false) => Some(descendants(conn, &run_id, root)?),
+                    _ => None,
+                };
+                Ok(Page {
+                    terminal,
+                    events,
+                    scope_ids,
+                })
+            })
+            .await?;
+        if let Some(last) = page.events.last() {
+            cursor.req.after_seq = Some(last.seq);
+            let mut chunk = Vec::new();
+            for event in &page.events {
+                let in_scope = match &page.scope_ids {
+                    None => true,
+                    Some(ids) => event
+                        .node_run_id
+                        .as_ref()
+                        .is_some_and(|id| ids.contains(id)),
+                };
+                if in_scope {
+                    chunk.extend_from_slice(event.line.as_bytes());
+                    chunk.push(b'\n');
+                }
+            }
+            if !chunk.is_empty() {
+                return Ok(Some(Bytes::from(chunk)));
+            }
+            continue;
+        }
+        if page.terminal || !cursor.req.follow {
+            return Ok(None);
+        }
+        // The timeout is a safety net only; commits wake followers.
+        let _ = tokio::time::timeout(IDLE_RECHECK, changed).await;
+    }
+}
+
+fn descendants(
+    conn: &rusqlite::Connection,
+    run_id: &str,
+    root: &str,
+) -> Result<HashSet<String>, StoreError> {
+    let tree = store::node_run_tree(conn, run_id)?;
+    let mut ids = HashSet::from([root.to_owned()]);
+    // Children are created after their parents, but ids carry no order: sweep to a fixed point.
+    loop {
+        let before = ids.len();
+        for (id, parent) in &tree {
+            if parent.as_ref().is_some_and(|p| ids.contains(p)) {
+                ids.insert(id.clone());
+            }
+        }
+        if ids.len() == before {
+            return Ok(ids);
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The JARVIS Run Coordinator: the ARP spec/v1 Run Coordinator, durable in one SQLite file.
+//!
+//! A Run and its NodeRuns live in an embedded SQLite database; every API call
+//! changes Runs, NodeRuns and RunEvents in one transaction, so a run's event
+//! `seq` is gapless and a crash loses nothing that was acknowledged. NodeRuns
+//! are dispatched through a durable queue to an Atomic Executor (with retries
+//! on transient failures, under the same `node_run_id`) or a Composite Executor,
+//! which calls back to create children and complete its NodeRun.
+//!
+//! # Layout
+//! - [`config`]: command line and environment, validated into one `Config`.
+//! - [`api`]: the HTTP routes of `run-coordinator.openapi.yaml`.
+//! - [`coordinator`]: the operations (start, create children, complete, cancel).
+//! - [`constraints`]: merging constraint envelopes into the strictest one.
+//! - [`dispatch`]: the dispatch queue, retries, deadlines and crash recovery.
+//! - [`events`]: NDJSON event streams that follow a run live.
+//! - [`store`]: the SQLite store with its group-committing writer thread.
+//! - [`catalog`]: node kind resolution (registry, executors, prefix).
+//! - [`policy`]: PDP calls and the local deny/`dev-allow` fallback.
+//! - [`clients`]: HTTP clients of the other services, failures classified.
+//! - [`error`]: the API error type and its ARP `ErrorEnvelope`.
+
+pub mod api;
+pub mod catalog;
+pub mod clients;
+pub mod config;
+pub mod constraints;
+pub mod coordinator;
+pub mod dispatch;
+pub mod error;
+pub mod events;
+pub mod policy;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::catalog::NodeCatalog;
+use crate::clients::{
+    AtomicExecutorClient, CompositeExecutorClient, NodeRegistryClient, PdpClient,
+};
+use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::policy::Policy;
+use crate::store::{CommitHooks, Store};
+
+/// A coordinator serving on a bound address.
+#[derive(Debug)]
+pub struct Server {
+    pub addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Opens the store, binds `config.listen` and starts the dispatcher.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&config.listen).await?;
+        let addr = listener.local_addr()?;
+        let watchers = Arc::new(events::RunWatchers::default());
+        let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+        let store = Store::open(
+            &config.db_path,
+            CommitHooks {
+                watchers: watchers.clone(),
+                dispatch: dispatch_tx,
+            },
+        )?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        let atomic = config
+            .atomic_executor_url
+            .clone()
+            .map(|u| AtomicExecutorClient::new(u, http.clone()));
+        let composite = config
+            .composite_executor_url
+            .clone()
+            .map(|u| CompositeExecutorClient::new(u, http.clone()));
+        let registry = config
+            .node_registry_url
+            .clone()
+            .map(|u| NodeRegistryClient::new(u, http.clone()));
+        let pdp = config
+            .pdp_url
+            .clone()
+            .map(|u| PdpClient::new(u, http.clone()));
+        let coordinator = Arc::new(Coordinator {
+            store,
+            catalog: NodeCatalog::new(registry, atomic.clone(), composite.clone()),
+            policy: Policy {
+                pdp,
+                local: config.policy,
+            },
+            public_url: config.public_url_or(addr),
+            atomic,
+            composite,
+            watchers,
+            config,
+        });
+        dispatch::spawn(coordinator.clone(), dispatch_rx);
+        Ok(Self {
+            addr,
+            coordinator,
+            listener,
+        })
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(self.listener, api::router(self.coordinator))
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}

@@ -1,0 +1,388 @@
+//! End to end with the real atomic executor (`jarvis-atomic-executor`) on port 0.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use jarvis_atomic_executor::RunningServer;
+use jarvis_atomic_executor::config::Config as ExecutorConfig;
+use jarvis_atomic_executor::watpack::{WatNode, WatPack};
+use serde_json::{Value, json};
+
+use crate::support::{
+    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, assert_gapless,
+    client, types,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn executor() -> RunningServer {
+    RunningServer::spawn(&ExecutorConfig::for_tests())
+        .await
+        .unwrap()
+}
+
+async fn executor_on(port: u16) -> RunningServer {
+    let mut config = ExecutorConfig::for_tests();
+    config.port = port;
+    RunningServer::spawn(&config).await.unwrap()
+}
+
+fn with_executor(url: String) -> Options {
+    Options {
+        atomic_executor_url: Some(url),
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn atomic_echo_root_run_succeeds_with_its_outputs() {
+    let ex = executor().await;
+    let coord = Coordinator::start(with_executor(ex.url())).await;
+    let run = coord
+        .start_run(
+            "jarvis.core.echo",
+            "0.3.8",
+            json!({"echo": "hello"}),
+            json!({}),
+        )
+        .await;
+    let run_id = run["run_id"].as_str().unwrap();
+    let events = tokio::time::timeout(WAIT, coord.follow_events(run_id))
+        .await
+        .unwrap();
+    assert_gapless(&events);
+    assert_eq!(
+        types(&events),
+        [
+            "run_started",
+            "node_run_assigned",
+            "policy_decided",
+            "policy_decided",
+            "node_evaluated",
+            "atomic_executed",
+            "run_completed"
+        ]
+    );
+    let (_, done) = coord.get(&format!("/v1/runs/{run_id}")).await;
+    assert_eq!(done["state"], "succeeded");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    assert_eq!(root["outputs"], json!({"echo": "hello"}));
+    assert_eq!(
+        root["kind"], "atomic",
+        "kind comes from the executor's GET /v1/node-types"
+    );
+    assert_eq!(root["executor_binding"]["endpoint"], json!(ex.url()));
+}
+
+#[tokio::test]
+async fn executor_errors_are_recorded_with_the_executors_code() {
+    let ex = executor().await;
+    let coord = Coordinator::start(with_executor(ex.url())).await;
+    // The echo's input schema requires `echo`: the executor answers a terminal failure.
+    let run = coord
+        .start_run("jarvis.core.echo", "0.3.8", json!({"wrong": 1}), json!({}))
+        .await;
+    let done = coord
+        .wait_terminal(run["run_id"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(done["state"], "failed");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    let code = root["extensions"]["jarvis.completion_error"]["code"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !code.is_empty() && code != "atomic_executor_unavailable",
+        "{root}"
+    );
+}
+
+#[tokio::test]
+async fn composite_root_runs_three_echo_children_through_a_composite_executor() {
+    let ex = executor().await;
+    let ce = TestCompositeExecutor::start(CompositeMode::FanOutEcho).await;
+    let opts = Options {
+        atomic_executor_url: Some(ex.url()),
+        composite_executor_url: Some(ce.url.clone()),
+        ..Options::default()
+    };
+    let coord = Coordinator::start(opts).await;
+    let run = coord
+        .start_run(COMPOSITE_TYPE, "1", json!({}), json!({}))
+        .await;
+    let run_id = run["run_id"].as_str().unwrap();
+    let events = tokio::time::timeout(WAIT, coord.follow_events(run_id))
+        .await
+        .unwrap();
+    assert_gapless(&events);
+    let (_, done) = coord.get(&format!("/v1/runs/{run_id}")).await;
+    assert_eq!(done["state"], "succeeded", "{events:#?}");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        root["outputs"]["children"],
+        json!([{"echo": "child-0"}, {"echo": "child-1"}, {"echo": "child-2"}])
+    );
+    let t = types(&events);
+    assert_eq!(t.iter().filter(|t| *t == "composite_decomposed").count(), 1);
+    assert_eq!(t.iter().filter(|t| *t == "atomic_executed").count(), 3);
+    assert_eq!(t.last().unwrap(), "run_completed");
+    assert_eq!(ce.begins()[0].coordinator_endpoint, coord.url);
+}
+
+/// A pack whose node never returns: only cancellation (or its time limit) stops it.
+fn spin_pack() -> Vec<u8> {
+    let wat = WatPack::new("jarvis-test-spin", "1.0.0")
+        .node(WatNode::new("jarvis.test.spin", "1.0.0"))
+        .to_wat("(loop $forever (br $forever)) (unreachable)");
+    jarvis_atomic_executor::wasmtime_wat(&wat).unwrap()
+}
+
+#[tokio::test]
+async fn cancel_run_stops_a_spinning_guest_in_the_executor() {
+    let ex = executor().await;
+    ex.service
+        .executor
+        .registry()
+        .load_bytes("spin.wasm", &spin_pack())
+        .await
+        .unwrap();
+    let coord = Coordinator::start(with_executor(ex.url())).await;
+    let run = coord
+        .start_run("jarvis.test.spin", "1.0.0", json!({}), json!({}))
+        .await;
+    let (run_id, root) = (
+        run["run_id"].as_str().unwrap(),
+        run["root_node_run_id"].as_str().unwrap(),
+    );
+    coord.wait_node_state(root, "running", WAIT).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ex.service.executor.running() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the guest never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let (s, canceled) = coord
+        .post(&format!("/v1/runs/{run_id}:cancel"), Value::Null)
+        .await;
+    assert_eq!(
+        (s, canceled["state"].as_str()),
+        (StatusCode::OK, Some("canceled"))
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while ex.service.executor.running() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spinning guest was not stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(coord.node_run(root).await["state"], "canceled");
+    // The executor's late `canceled` result does not reopen or rewrite anything.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events = coord.events(run_id).await;
+    assert_gapless(&events);
+    assert_eq!(events.last().unwrap()["type"], "run_completed");
+}
+
+#[tokio::test]
+async fn an_executor_that_is_down_then_up_gets_the_retry() {
+    let port = free_port();
+    let coord = Coordinator::start(with_executor(format!("http://127.0.0.1:{port}"))).await;
+    let run = coord
+        .start_run(
+            "jarvis.core.echo",
+            "0.3.8",
+            json!({"echo": "late"}),
+            json!({}),
+        )
+        .await;
+    let run_id = run["run_id"].as_str().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, waiting) = coord.get(&format!("/v1/runs/{run_id}")).await;
+    assert_eq!(
+        waiting["state"], "running",
+        "connection refused is retried, not failed"
+    );
+
+    let _ex = executor_on(port).await;
+    let done = coord.wait_terminal(run_id, WAIT).await;
+    assert_eq!(done["state"], "succeeded");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    assert_eq!(root["outputs"], json!({"echo": "late"}));
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_deadline_with_a_clear_code() {
+    let port = free_port();
+    let coord = Coordinator::start(with_executor(format!("http://127.0.0.1:{port}"))).await;
+    let constraints = json!({"constraints": {"budgets": {"max_wall_time_ms": 800}}});
+    let run = coord
+        .start_run("atomic.never", "1", json!({}), constraints)
+        .await;
+    let done = coord
+        .wait_terminal(run["run_id"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(done["state"], "failed");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        root["extensions"]["jarvis.completion_error"]["code"],
+        "atomic_executor_unavailable"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The coordinator binary, killed with SIGKILL by `kill_9`.
+struct Process(Child);
+
+impl Process {
+    fn spawn(db: &std::path::Path, port: u16, executor_url: &str) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_jarvis-run-coordinator"))
+            .args(["--port", &port.to_string(), "--db"])
+            .arg(db)
+            .env("JARVIS_ATOMIC_EXECUTOR_URL", executor_url)
+            .env("JARVIS_POLICY_PROFILE", "dev-allow")
+            .env("LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    fn kill_9(&mut self) {
+        self.0.kill().unwrap(); // SIGKILL on Unix
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_healthy(url: &str) {
+    let http = client();
+    for _ in 0..200 {
+        if http
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("coordinator at {url} did not come up");
+}
+
+#[tokio::test]
+async fn kill_9_mid_run_then_restart_finishes_every_run() {
+    let ex = executor().await;
+    ex.service
+        .executor
+        .registry()
+        .load_bytes("spin.wasm", &spin_pack())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("coordinator.sqlite3");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut first = Process::spawn(&db, port, &ex.url());
+    wait_healthy(&url).await;
+
+    let http = client();
+    let start = |node: &'static str, input: Value, constraints: Value| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let body = json!({"root_node_type_ref": {"node_type_id": node, "version": if node == "jarvis.core.echo" {"0.3.8"} else {"1.0.0"}}, "input": input, "constraints": constraints});
+            let run: Value = http
+                .post(format!("{url}/v1/runs"))
+                .json(&body)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            run["run_id"].as_str().map(str::to_owned)
+        }
+    };
+    // Spinning runs are surely mid-execution at the kill; their wall time ends them after the restart.
+    let mut acknowledged = Vec::new();
+    for _ in 0..3 {
+        let spin = start(
+            "jarvis.test.spin",
+            json!({}),
+            json!({"budgets": {"max_wall_time_ms": 3000}}),
+        )
+        .await;
+        acknowledged.extend(spin);
+    }
+    let echoes: Vec<_> = (0..200)
+        .map(|i| {
+            tokio::spawn(start(
+                "jarvis.core.echo",
+                json!({"echo": format!("e{i}")}),
+                Value::Null,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    first.kill_9();
+    for e in echoes {
+        acknowledged.extend(e.await.unwrap());
+    }
+    assert!(
+        acknowledged.len() >= 3,
+        "some runs were acknowledged before the kill"
+    );
+
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _second = Process::spawn(&db, port, &ex.url());
+    wait_healthy(&url).await;
+    let coord = Coordinator::attach(&url);
+    for run_id in &acknowledged {
+        let done = coord.wait_terminal(run_id, WAIT).await;
+        assert_ne!(done["state"], "running");
+        let events = coord.events(run_id).await;
+        assert_gapless(&events);
+        assert_eq!(
+            events.last().unwrap()["type"],
+            "run_completed",
+            "{events:#?}"
+        );
+        let root = coord
+            .node_run(done["root_node_run_id"].as_str().unwrap())
+            .await;
+        assert!(
+            ["succeeded", "failed", "canceled"].contains(&root["state"].as_str().unwrap()),
+            "{root}"
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! Test harness: coordinators on port 0, a test Composite Executor, HTTP helpers.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arp_types::composite::CompositeBeginRequest;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as AxPath, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use jarvis_run_coordinator::Server;
+use jarvis_run_coordinator::config::{Config, LocalPolicy};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub atomic_executor_url: Option<String>,
+    pub composite_executor_url: Option<String>,
+    pub deny_by_default: bool,
+    pub node_run_timeout: Option<Duration>,
+}
+
+pub fn config(db: &Path, opts: &Options) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        db_path: db.to_owned(),
+        atomic_executor_url: opts.atomic_executor_url.clone(),
+        composite_executor_url: opts.composite_executor_url.clone(),
+        node_registry_url: None,
+        pdp_url: None,
+        policy: if opts.deny_by_default {
+            LocalPolicy::DenyAll
+        } else {
+            LocalPolicy::AllowAll
+        },
+        public_url: None,
+        auto_dispatch: true,
+        node_run_timeout: opts.node_run_timeout.unwrap_or(Duration::from_secs(60)),
+        dispatch_concurrency: 256,
+    }
+}
+
+/// A coordinator served in-process; stops when dropped.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub url: String,
+    pub http: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Coordinator {
+    pub async fn start(opts: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("coordinator.sqlite3");
+        let mut c = Self::start_at(&db, opts).await;
+        c._dir = Some(dir);
+        c
+    }
+
+    pub async fn start_at(db: &Path, opts: Options) -> Self {
+        let server = Server::bind(config(db, &opts)).await.unwrap();
+        let url = format!("http://{}", server.addr);
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+
+            http: client(),
+            _stop: stop,
+            _dir: None,
+        }
+    }
+
+    /// A client of a coordinator running elsewhere (e.g. a child process).
+    pub fn attach(url: &str) -> Self {
+        let (stop, _) = oneshot::channel();
+        Self {
+            url: url.to_owned(),
+            http: client(),
+            _stop: stop,
+            _dir: None,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap()
+            },
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap())
+    }
+
+    /// All events of the run so far (no following).
+    pub async fn events(&self, run_id: &str) -> Vec<Value> {
+        let text = self
+            .http
+            .get(format!("{}/v1/runs/{run_id}/events?follow=false", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Follows the run's event stream until the coordinator closes it (the run is terminal).
+    pub async fn follow_events(&self, run_id: &str) -> Vec<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/runs/{run_id}/events", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+        let text = resp.text().await.unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub async fn start_run(
+        &self,
+        node_type_id: &str,
+        version: &str,
+        input: Value,
+        extra: Value,
+    ) -> Value {
+        let mut body = json!({"root_node_type_ref": {"node_type_id": node_type_id, "version": version}, "input": input});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let (status, run) = self.post("/v1/runs", body).await;
+        assert_eq!(status, StatusCode::OK, "{run}");
+        run
+    }
+
+    /// Polls until the run is terminal; returns it.
+    pub async fn wait_terminal(&self, run_id: &str, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (_, run) = self.get(&format!("/v1/runs/{run_id}")).await;
+            if ["succeeded", "failed", "canceled"].contains(&run["state"].as_str().unwrap_or("")) {
+                return run;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {run_id} not terminal in time: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn node_run(&self, id: &str) -> Value {
+        let (status, nr) = self.get(&format!("/v1/node-runs/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{nr}");
+        nr
+    }
+
+    pub async fn wait_node_state(&self, id: &str, state: &str, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let nr = self.node_run(id).await;
+            if nr["state"] == state {
+                return nr;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node run {id} not {state} in time: {nr}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Asserts seq runs 0, 1, 2, ... without gaps.
+pub fn assert_gapless(events: &[Value]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["seq"], json!(i), "seq gap at {i}: {events:#?}");
+    }
+}
+
+pub fn types(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What the test Composite Executor does with a begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompositeMode {
+    /// Accept and do nothing: the test drives create_node_runs itself.
+    Hold,
+    /// Create three `jarvis.core.echo` children, wait for them, complete the parent.
+    FanOutEcho,
+}
+
+#[derive(Debug, Default)]
+pub struct CompositeLog {
+    pub begins: Vec<CompositeBeginRequest>,
+    pub cancels: Vec<String>,
+}
+
+/// A small real Composite Executor serving `composite-executor.openapi.yaml`'s begin and cancel.
+#[derive(Debug)]
+pub struct TestCompositeExecutor {
+    pub url: String,
+    pub log: Arc<Mutex<CompositeLog>>,
+}
+
+/// The node type the test Composite Executor serves (no `composite.` prefix: its kind comes
+/// from the executor's `GET /v1/node-types`).
+pub const COMPOSITE_TYPE: &str = "jarvis.test.fanout";
+
+impl TestCompositeExecutor {
+    pub async fn start(mode: CompositeMode) -> Self {
+        let log = Arc::new(Mutex::new(CompositeLog::default()));
+        let state = (mode, log.clone());
+        let app = Router::new()
+            .route("/v1/node-types", get(|| async {
+                json_response(StatusCode::OK, json!([{"node_type_id": COMPOSITE_TYPE, "version": "1", "kind": "composite"}]))
+            }))
+            .route("/v1/composite-node-runs:begin", post(begin))
+            .route("/v1/composite-node-runs/{segment}", post(cancel))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, log }
+    }
+
+    pub fn begins(&self) -> Vec<CompositeBeginRequest> {
+        self.log.lock().unwrap().begins.clone()
+    }
+
+    pub fn cancels(&self) -> Vec<String> {
+        self.log.lock().unwrap().cancels.clone()
+    }
+}
+
+type CompositeState = (CompositeMode, Arc<Mutex<CompositeLog>>);
+
+pub fn json_response(status: StatusCode, body: Value) -> axum::response::Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn begin(State((mode, log)): State<CompositeState>, body: Bytes) -> axum::response::Response {
+    let req: CompositeBeginRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let err = json!({"error": {"code": "invalid_request", "message": e.to_string()}});
+            return json_response(StatusCode::BAD_REQUEST, err);
+        }
+    };
+    log.lock().unwrap().begins.push(req.clone());
+    if mode == CompositeMode::FanOutEcho {
+        tokio::spawn(fan_out(req));
+    }
+    json_response(StatusCode::OK, json!({"accepted": true}))
+}
+
+async fn cancel(
+    State((_, log)): State<CompositeState>,
+    AxPath(segment): AxPath<String>,
+) -> StatusCode {
+    match segment.strip_suffix(":cancel") {
+        Some(id) => {
+            log.lock().unwrap().cancels.push(id.to_owned());
+            StatusCode::NO_CONTENT
+        }
+        None => StatusCode::NOT_FOUND,
+    }
+}
+
+/// What a composite executor does: decompose, wait, complete.
+async fn fan_out(req: CompositeBeginRequest) {
+    let http = client();
+    let base = req.coordinator_endpoint.clone();
+    let specs: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({
+                "node_type_ref": {"node_type_id": "jarvis.core.echo", "version": "0.3.8"},
+                "inputs": {"echo": format!("child-{i}")},
+                "idempotency_key": format!("child-{i}"),
+            })
+        })
+        .collect();
+    let body =
+        json!({"run_id": req.run_id, "parent_node_run_id": req.node_run_id, "node_runs": specs});
+    let created: Value = http
+        .post(format!("{base}/v1/node-runs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<String> = created["node_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_run_id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut outputs = Vec::new();
+    let mut all_ok = true;
+    for id in ids {
+        loop {
+            let nr: Value = http
+                .get(format!("{base}/v1/node-runs/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            match nr["state"].as_str().unwrap() {
+                "succeeded" => {
+                    outputs.push(nr["outputs"].clone());
+                    break;
+                }
+                "failed" | "canceled" => {
+                    all_ok = false;
+                    outputs.push(nr["extensions"].clone());
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    let state = if all_ok { "succeeded" } else { "failed" };
+    let complete = json!({"state": state, "outputs": {"children": outputs}});
+    let resp = http
+        .post(format!("{base}/v1/node-runs/{}:complete", req.node_run_id))
+        .json(&complete)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+}
