@@ -42,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
         auto_dispatch: true,
         node_run_timeout: Duration::from_secs(60),
         dispatch_concurrency: 1024,
+        auth: Config::insecure_auth().0,
+        outbound: Config::insecure_auth().1,
     };
     let server = Server::bind(config).await?;
     let url = format!("http://{}", server.addr);

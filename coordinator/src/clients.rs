@@ -5,7 +5,8 @@ use std::time::Duration;
 use arp_types::composite::{CompositeBeginRequest, CompositeBeginResponse};
 use arp_types::pdp::{PolicyDecision, PolicyDecisionRequest};
 use arp_types::{AtomicExecuteRequest, AtomicExecuteResult, ErrorDetail, ErrorEnvelope, NodeType};
-use reqwest::StatusCode;
+use jarvis_auth::{OutboundAuth, TargetService};
+use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
 /// Why a call to another service failed, and what the caller should do about it.
@@ -77,8 +78,46 @@ impl CallError {
     }
 }
 
+/// An HTTP client for one target service, carrying its outbound credentials.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    auth: OutboundAuth,
+    target: TargetService,
+}
+
+impl Http {
+    pub fn new(client: reqwest::Client, auth: OutboundAuth, target: TargetService) -> Self {
+        Self {
+            client,
+            auth,
+            target,
+        }
+    }
+
+    /// A request with `Authorization` set when outbound auth is on. A token
+    /// endpoint that fails is treated as transient: the call is retried
+    /// within the NodeRun's deadline like any other outage.
+    async fn request(
+        &self,
+        method: Method,
+        url: String,
+        service: &str,
+    ) -> Result<RequestBuilder, CallError> {
+        let request = self.client.request(method, url);
+        match self.auth.authorization(self.target).await {
+            Ok(Some(value)) => Ok(request.header(reqwest::header::AUTHORIZATION, value)),
+            Ok(None) => Ok(request),
+            Err(e) => Err(CallError::Transient {
+                reason: format!("{service}: no outbound token: {e}"),
+                retry_after: None,
+            }),
+        }
+    }
+}
+
 async fn post_json<B: serde::Serialize, R: DeserializeOwned>(
-    http: &reqwest::Client,
+    http: &Http,
     url: String,
     body: &B,
     timeout: Duration,
@@ -86,7 +125,8 @@ async fn post_json<B: serde::Serialize, R: DeserializeOwned>(
     fallback_code: &str,
 ) -> Result<R, CallError> {
     let resp = http
-        .post(url)
+        .request(Method::POST, url, service)
+        .await?
         .json(body)
         .timeout(timeout)
         .send()
@@ -104,11 +144,11 @@ async fn post_json<B: serde::Serialize, R: DeserializeOwned>(
 #[derive(Debug, Clone)]
 pub struct AtomicExecutorClient {
     pub base_url: String,
-    http: reqwest::Client,
+    http: Http,
 }
 
 impl AtomicExecutorClient {
-    pub fn new(base_url: String, http: reqwest::Client) -> Self {
+    pub fn new(base_url: String, http: Http) -> Self {
         Self { base_url, http }
     }
 
@@ -143,11 +183,11 @@ impl AtomicExecutorClient {
 #[derive(Debug, Clone)]
 pub struct CompositeExecutorClient {
     pub base_url: String,
-    http: reqwest::Client,
+    http: Http,
 }
 
 impl CompositeExecutorClient {
-    pub fn new(base_url: String, http: reqwest::Client) -> Self {
+    pub fn new(base_url: String, http: Http) -> Self {
         Self { base_url, http }
     }
 
@@ -181,9 +221,10 @@ impl CompositeExecutorClient {
     }
 }
 
-async fn cancel(http: &reqwest::Client, url: String, service: &str) -> Result<(), CallError> {
+async fn cancel(http: &Http, url: String, service: &str) -> Result<(), CallError> {
     let resp = http
-        .post(url)
+        .request(Method::POST, url, service)
+        .await?
         .timeout(Duration::from_secs(10))
         .send()
         .await
@@ -196,12 +237,13 @@ async fn cancel(http: &reqwest::Client, url: String, service: &str) -> Result<()
 }
 
 async fn list_node_types(
-    http: &reqwest::Client,
+    http: &Http,
     base_url: &str,
     service: &str,
 ) -> Result<Vec<NodeType>, CallError> {
     let resp = http
-        .get(format!("{base_url}/v1/node-types"))
+        .request(Method::GET, format!("{base_url}/v1/node-types"), service)
+        .await?
         .timeout(Duration::from_secs(10))
         .send()
         .await
@@ -218,11 +260,11 @@ async fn list_node_types(
 #[derive(Debug, Clone)]
 pub struct NodeRegistryClient {
     pub base_url: String,
-    http: reqwest::Client,
+    http: Http,
 }
 
 impl NodeRegistryClient {
-    pub fn new(base_url: String, http: reqwest::Client) -> Self {
+    pub fn new(base_url: String, http: Http) -> Self {
         Self { base_url, http }
     }
 
@@ -231,9 +273,11 @@ impl NodeRegistryClient {
         node_type_id: &str,
         version: &str,
     ) -> Result<NodeType, CallError> {
+        let url = format!("{}/v1/node-types/{node_type_id}", self.base_url);
         let resp = self
             .http
-            .get(format!("{}/v1/node-types/{node_type_id}", self.base_url))
+            .request(Method::GET, url, "node registry")
+            .await?
             .query(&[("version", version)])
             .timeout(Duration::from_secs(10))
             .send()
@@ -252,11 +296,11 @@ impl NodeRegistryClient {
 #[derive(Debug, Clone)]
 pub struct PdpClient {
     pub base_url: String,
-    http: reqwest::Client,
+    http: Http,
 }
 
 impl PdpClient {
-    pub fn new(base_url: String, http: reqwest::Client) -> Self {
+    pub fn new(base_url: String, http: Http) -> Self {
         Self { base_url, http }
     }
 

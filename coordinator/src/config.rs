@@ -1,5 +1,7 @@
 //! Command line and environment: raw arguments, validated into one [`Config`].
 
+use anyhow::Context as _;
+use jarvis_auth::{AuthSettings, OutboundAuth};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,6 +71,10 @@ pub struct Config {
     pub auto_dispatch: bool,
     pub node_run_timeout: Duration,
     pub dispatch_concurrency: usize,
+    /// Inbound authentication (`ARP_AUTH_*`).
+    pub auth: AuthSettings,
+    /// Client-credentials tokens for the services the coordinator calls.
+    pub outbound: OutboundAuth,
 }
 
 /// The decision taken when no PDP is configured.
@@ -122,7 +128,16 @@ impl Config {
             auto_dispatch,
             node_run_timeout: args.node_run_timeout,
             dispatch_concurrency: args.dispatch_concurrency,
+            auth: AuthSettings::from_env().context("authentication")?,
+            outbound: OutboundAuth::from_env().context("outbound authentication")?,
         })
+    }
+
+    /// Authentication off both ways, as `ARP_AUTH_PROFILE=dev-insecure` (tests, benches).
+    pub fn insecure_auth() -> (AuthSettings, OutboundAuth) {
+        let settings = AuthSettings::from_vars([("ARP_AUTH_PROFILE", "dev-insecure")])
+            .expect("the dev-insecure profile is valid");
+        (settings, OutboundAuth::disabled())
     }
 
     /// The public URL, or one derived from the bound address when none was configured.

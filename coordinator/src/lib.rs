@@ -35,12 +35,13 @@ pub mod store;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use jarvis_auth::TargetService;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::catalog::NodeCatalog;
 use crate::clients::{
-    AtomicExecutorClient, CompositeExecutorClient, NodeRegistryClient, PdpClient,
+    AtomicExecutorClient, CompositeExecutorClient, Http, NodeRegistryClient, PdpClient,
 };
 use crate::config::Config;
 use crate::coordinator::Coordinator;
@@ -53,6 +54,7 @@ pub struct Server {
     pub addr: SocketAddr,
     pub coordinator: Arc<Coordinator>,
     listener: TcpListener,
+    auth: jarvis_auth::Authenticator,
 }
 
 impl Server {
@@ -73,22 +75,24 @@ impl Server {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;
+        let outbound = |target| Http::new(http.clone(), config.outbound.clone(), target);
+        let auth = jarvis_auth::Authenticator::new(config.auth.clone())?;
         let atomic = config
             .atomic_executor_url
             .clone()
-            .map(|u| AtomicExecutorClient::new(u, http.clone()));
+            .map(|u| AtomicExecutorClient::new(u, outbound(TargetService::AtomicExecutor)));
         let composite = config
             .composite_executor_url
             .clone()
-            .map(|u| CompositeExecutorClient::new(u, http.clone()));
+            .map(|u| CompositeExecutorClient::new(u, outbound(TargetService::CompositeExecutor)));
         let registry = config
             .node_registry_url
             .clone()
-            .map(|u| NodeRegistryClient::new(u, http.clone()));
+            .map(|u| NodeRegistryClient::new(u, outbound(TargetService::NodeRegistry)));
         let pdp = config
             .pdp_url
             .clone()
-            .map(|u| PdpClient::new(u, http.clone()));
+            .map(|u| PdpClient::new(u, outbound(TargetService::Pdp)));
         let coordinator = Arc::new(Coordinator {
             store,
             catalog: NodeCatalog::new(registry, atomic.clone(), composite.clone()),
@@ -107,6 +111,7 @@ impl Server {
             addr,
             coordinator,
             listener,
+            auth,
         })
     }
 
@@ -115,8 +120,11 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(self.listener, api::router(self.coordinator))
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(
+            self.listener,
+            api::router(self.coordinator).layer(self.auth.layer()),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await
     }
 }

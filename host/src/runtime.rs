@@ -62,7 +62,12 @@ pub fn build_engine(
         .max_core_instances_per_component(128)
         .max_tables_per_component(32)
         .max_memory_size(memory_slot)
-        .max_unused_warm_slots(instances.min(64));
+        .max_unused_warm_slots(instances.min(64))
+        // Resetting a small slot by memset beats madvise, whose TLB
+        // shootdowns interrupt every other core on each execution.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10)
+        .async_stack_keep_resident(128 << 10);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
 
     if let Some(dir) = cache_dir {

@@ -90,7 +90,8 @@ fn call_describe(component: &[u8]) -> Result<Val, CheckError> {
     // Python component takes a fraction of the time at opt-level none).
     let mut config = wasmtime::Config::new();
     config.cranelift_opt_level(wasmtime::OptLevel::None);
-    let engine = Engine::new(&config).map_err(|error| CheckError::NotAComponent(from_wasmtime(error)))?;
+    let engine =
+        Engine::new(&config).map_err(|error| CheckError::NotAComponent(from_wasmtime(error)))?;
     let component = Component::new(&engine, component)
         .map_err(|error| CheckError::NotAComponent(from_wasmtime(error)))?;
     let mut linker: Linker<()> = Linker::new(&engine);

@@ -48,6 +48,8 @@ pub fn config(db: &Path, opts: &Options) -> Config {
         auto_dispatch: true,
         node_run_timeout: opts.node_run_timeout.unwrap_or(Duration::from_secs(60)),
         dispatch_concurrency: 256,
+        auth: Config::insecure_auth().0,
+        outbound: Config::insecure_auth().1,
     }
 }
 

@@ -47,7 +47,12 @@ async fn every_case_behaves_like_the_reference() {
         let node = case["node_type_id"].as_str().unwrap();
         let inputs = &case["inputs"];
         let result = t
-            .result(&request(&format!("nr-core-{i}"), node, VERSION, inputs.clone()))
+            .result(&request(
+                &format!("nr-core-{i}"),
+                node,
+                VERSION,
+                inputs.clone(),
+            ))
             .await;
         let context = format!("{node} {inputs} → {result}");
         let python = &case["python"];
@@ -56,7 +61,10 @@ async fn every_case_behaves_like_the_reference() {
         } else if let Some(message) = python["error"].as_str() {
             assert_outcome(&result, "failed", Some("handler_error"));
             let ours = result["error"]["message"].as_str().unwrap();
-            assert!(ours.contains(message), "message should say {message:?}: {context}");
+            assert!(
+                ours.contains(message),
+                "message should say {message:?}: {context}"
+            );
         } else if case["deterministic"] == true {
             assert_outcome(&result, "succeeded", None);
             assert_eq!(result["outputs"], python["outputs"], "{context}");
@@ -84,11 +92,15 @@ fn assert_uuid4(text: &str) {
     let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
     assert_eq!(lengths, [8, 4, 4, 4, 12], "{text}");
     assert!(
-        text.chars().all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c)),
+        text.chars()
+            .all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c)),
         "{text}"
     );
     assert!(groups[2].starts_with('4'), "version 4: {text}");
-    assert!(groups[3].starts_with(['8', '9', 'a', 'b']), "variant: {text}");
+    assert!(
+        groups[3].starts_with(['8', '9', 'a', 'b']),
+        "variant: {text}"
+    );
 }
 
 /// `datetime.now(timezone.utc).isoformat()`, and now.
@@ -118,7 +130,10 @@ fn assert_recent_isoformat(text: &str) {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     let stamp = (days * 86_400 + hh * 3600 + mm * 60 + ss) as f64 + micros as f64 / 1e6;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     assert!((now - stamp).abs() < 30.0, "{text} is not now ({now})");
 }
 
@@ -128,7 +143,12 @@ async fn uuid4_differs_every_call() {
     let mut seen = std::collections::HashSet::new();
     for i in 0..20 {
         let result = t
-            .result(&request(&format!("nr-uuid-{i}"), "jarvis.core.uuid4", VERSION, json!({})))
+            .result(&request(
+                &format!("nr-uuid-{i}"),
+                "jarvis.core.uuid4",
+                VERSION,
+                json!({}),
+            ))
             .await;
         assert_outcome(&result, "succeeded", None);
         assert!(seen.insert(result["outputs"]["uuid4"].as_str().unwrap().to_owned()));
@@ -181,7 +201,15 @@ async fn concurrent_sleeps_hold_no_threads() {
             json!({"seconds": 0.1, "duration_seconds": null}),
         );
         tokio::spawn(async move {
-            let result: Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+            let result: Value = client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             result
         })
     });
@@ -191,7 +219,9 @@ async fn concurrent_sleeps_hold_no_threads() {
         assert_outcome(&result, "succeeded", None);
     }
     let elapsed = started.elapsed();
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0);
     eprintln!("1024 concurrent 0.1 s sleeps: {elapsed:?}, {threads} threads in the test process");
     // Generous for debug builds on a loaded 2-core machine; sequential would be 102 s.
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");

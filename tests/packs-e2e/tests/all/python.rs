@@ -22,7 +22,12 @@ async fn python_nodes_run_in_the_executor() {
 
     let inputs = json!({"text": "one two three\nfour"});
     let result = t
-        .result(&request("nr-py-1", "jarvis.example.py.word_count", VERSION, inputs))
+        .result(&request(
+            "nr-py-1",
+            "jarvis.example.py.word_count",
+            VERSION,
+            inputs,
+        ))
         .await;
     assert_outcome(&result, "succeeded", None);
     assert_eq!(
@@ -73,7 +78,10 @@ async fn python_nodes_run_in_the_executor() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     let outputs = &result["outputs"];
     assert_eq!(outputs["label"], "x");
-    assert!(outputs["at"].as_str().unwrap().ends_with("+00:00"), "{outputs}");
+    assert!(
+        outputs["at"].as_str().unwrap().ends_with("+00:00"),
+        "{outputs}"
+    );
     assert_eq!(outputs["nonce"].as_str().unwrap().len(), 16, "{outputs}");
 }
 

@@ -60,7 +60,9 @@ pub async fn serve(packs: &[PathBuf], configure: impl FnOnce(&mut Config)) -> Te
     let server = RunningServer::spawn(&config).await.unwrap();
     let registry = server.service.executor.registry().clone();
     // Debug builds of the compiler take a while over an 18 MB Python component.
-    registry.wait_loaded(tokio::time::Instant::now() + Duration::from_secs(600)).await;
+    registry
+        .wait_loaded(tokio::time::Instant::now() + Duration::from_secs(600))
+        .await;
     assert_eq!(registry.pending(), 0, "packs still loading after 600 s");
     TestServer {
         server,
@@ -114,7 +116,9 @@ impl TestServer {
     pub async fn node_type(&self, id: &str) -> Value {
         let types = self.node_types().await;
         let found = types.iter().find(|t| t["node_type_id"] == id);
-        found.unwrap_or_else(|| panic!("{id} not served: {types:?}")).clone()
+        found
+            .unwrap_or_else(|| panic!("{id} not served: {types:?}"))
+            .clone()
     }
 }
 
