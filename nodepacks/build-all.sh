@@ -27,6 +27,12 @@ if [[ -z "${SKIP_INSTALL:-}" ]]; then
         python3 -m pip install --quiet 'componentize-py==0.25.1'
     fi
 fi
+# pip puts the script in the interpreter's scripts directory, which is not on
+# PATH everywhere (pyenv shims appear only after a rehash): point at it.
+if [[ -z "${JARVIS_COMPONENTIZE_PY:-}" ]] && ! command -v componentize-py >/dev/null; then
+    scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+    [[ -x "$scripts/componentize-py" ]] && export JARVIS_COMPONENTIZE_PY="$scripts/componentize-py"
+fi
 
 cd "$root"
 cargo run --quiet -p jarvis-pack -- build-all "$here" "$@"
