@@ -262,6 +262,9 @@ impl Process {
             .arg(db)
             .env("JARVIS_ATOMIC_EXECUTOR_URL", executor_url)
             .env("JARVIS_POLICY_PROFILE", "dev-allow")
+            // No tokens in this test: without it, auth is required and outbound
+            // client credentials are demanded at start.
+            .env("ARP_AUTH_PROFILE", "dev-insecure")
             .env("LOG_LEVEL", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
