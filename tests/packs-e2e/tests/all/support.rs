@@ -8,18 +8,18 @@ use jarvis_atomic_executor::config::Config;
 use serde_json::{Value, json};
 
 /// `nodepacks/`, where `build-all.sh` puts the built packs.
-pub fn nodepacks_dir() -> PathBuf {
+pub(crate) fn nodepacks_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nodepacks")
 }
 
 /// Whether a missing pack or toolchain fails the test instead of skipping it.
-pub fn packs_required() -> bool {
+pub(crate) fn packs_required() -> bool {
     std::env::var_os("JARVIS_REQUIRE_PACKS").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Skip (loudly) or fail when something the test needs is not there.
 #[track_caller]
-pub fn unavailable(what: &str) {
+pub(crate) fn unavailable(what: &str) {
     if packs_required() {
         panic!("{what}, and JARVIS_REQUIRE_PACKS is set: run nodepacks/build-all.sh first");
     }
@@ -31,7 +31,7 @@ pub fn unavailable(what: &str) {
 
 /// The built pack `nodepacks/<file>`, or `None` after saying why the test is skipped.
 #[track_caller]
-pub fn built_pack(file: &str) -> Option<PathBuf> {
+pub(crate) fn built_pack(file: &str) -> Option<PathBuf> {
     let path = nodepacks_dir().join(file);
     if path.is_file() {
         Some(path)
@@ -41,14 +41,14 @@ pub fn built_pack(file: &str) -> Option<PathBuf> {
     }
 }
 
-pub struct TestServer {
-    pub server: RunningServer,
-    pub client: reqwest::Client,
+pub(crate) struct TestServer {
+    pub(crate) server: RunningServer,
+    pub(crate) client: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
 /// An executor whose packs directory holds exactly `packs`, once they are loaded.
-pub async fn serve(packs: &[PathBuf], configure: impl FnOnce(&mut Config)) -> TestServer {
+pub(crate) async fn serve(packs: &[PathBuf], configure: impl FnOnce(&mut Config)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     for pack in packs {
         std::fs::copy(pack, dir.path().join(pack.file_name().unwrap())).unwrap();
@@ -71,7 +71,7 @@ pub async fn serve(packs: &[PathBuf], configure: impl FnOnce(&mut Config)) -> Te
     }
 }
 
-pub fn request(node_run_id: &str, node: &str, version: &str, inputs: Value) -> Value {
+pub(crate) fn request(node_run_id: &str, node: &str, version: &str, inputs: Value) -> Value {
     json!({
         "node_run_id": node_run_id,
         "run_id": "run-packs-e2e",
@@ -81,12 +81,12 @@ pub fn request(node_run_id: &str, node: &str, version: &str, inputs: Value) -> V
 }
 
 impl TestServer {
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.url())
     }
 
     /// Executes and expects a 200 result; returns it.
-    pub async fn result(&self, body: &Value) -> Value {
+    pub(crate) async fn result(&self, body: &Value) -> Value {
         let response = self
             .client
             .post(self.url("/v1/atomic-node-runs:execute"))
@@ -100,7 +100,7 @@ impl TestServer {
         result
     }
 
-    pub async fn node_types(&self) -> Vec<Value> {
+    pub(crate) async fn node_types(&self) -> Vec<Value> {
         let types: Value = self
             .client
             .get(self.url("/v1/node-types"))
@@ -113,7 +113,7 @@ impl TestServer {
         types.as_array().unwrap().clone()
     }
 
-    pub async fn node_type(&self, id: &str) -> Value {
+    pub(crate) async fn node_type(&self, id: &str) -> Value {
         let types = self.node_types().await;
         let found = types.iter().find(|t| t["node_type_id"] == id);
         found
@@ -124,7 +124,7 @@ impl TestServer {
 
 /// Asserts `result` is terminal with `state` and, if failed, `code`.
 #[track_caller]
-pub fn assert_outcome(result: &Value, state: &str, code: Option<&str>) {
+pub(crate) fn assert_outcome(result: &Value, state: &str, code: Option<&str>) {
     assert_eq!(result["state"], state, "{result}");
     assert_eq!(result["error"]["code"].as_str(), code, "{result}");
     if state == "succeeded" {
