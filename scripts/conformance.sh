@@ -14,7 +14,7 @@ esac
 binary=${2:-}
 if [[ -z $binary ]]; then
   cargo build -q -p "$package"
-  binary=target/debug/$package
+  binary=${CARGO_TARGET_DIR:-target}/debug/$package
 fi
 shared=${SHARED_DIR:-../shared}
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
