@@ -27,7 +27,9 @@ ours=$("$bench/start_server.sh" cmd --port 18084 --cpus 1 --log /tmp/bench-ours.
 pids+=("$ours")
 targets=(--target "ours=http://127.0.0.1:18084@$ours")
 if [[ $limit == 1 ]]; then
-  lim=$("$bench/start_server.sh" limit --port 18090 --cpus 1 --log /tmp/bench-limit.log | tail -1)
+  # Built outside shared/, which is not ours to write into.
+  lim=$(CARGO_TARGET_DIR=${LIMIT_TARGET_DIR:-/tmp/jarvis-limit-server-target} \
+    "$bench/start_server.sh" limit --port 18090 --cpus 1 --log /tmp/bench-limit.log | tail -1)
   pids+=("$lim")
   targets+=(--target "limit=http://127.0.0.1:18090@$lim")
   "$bench/interleave.sh" "${targets[@]}" --rounds "$rounds" -c "$conc" -d "$dur" -n "$node" -i "$inputs" --client-cpus 0
