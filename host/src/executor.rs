@@ -361,10 +361,19 @@ impl Executor {
         // in a host call (a sleep) that the callback never sees.
         let result = tokio::select! {
             biased;
-            r = call => r,
-            _ = cancel.cancelled() => return Err(Failure::Interrupted(Interrupted::Canceled)),
-            _ = tokio::time::sleep_until(deadline) => return Err(Failure::Interrupted(Interrupted::Timeout)),
+            r = call => Ok(r),
+            _ = cancel.cancelled() => Err(Interrupted::Canceled),
+            _ = tokio::time::sleep_until(deadline) => Err(Interrupted::Timeout),
         };
+        let dropped = store.data().logs_dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                node_run_id = %request.node_run_id,
+                dropped,
+                "guest log lines over the per-execution budget were dropped"
+            );
+        }
+        let result = result.map_err(Failure::Interrupted)?;
         match result {
             Ok(Ok(outputs)) => Ok(outputs),
             Ok(Err(node_error)) => Err(Failure::Node(node_error)),
