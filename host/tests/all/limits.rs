@@ -176,27 +176,14 @@ async fn memory_bomb_hits_the_limit_and_the_service_survives() {
 async fn cancel_stops_a_spinning_guest() {
     let t = start(config(), &[("spin.wasm", pack("spin", SPIN))]).await;
     let began = Instant::now();
-    let run = {
-        let (client, url) = (t.client.clone(), t.url("/v1/atomic-node-runs:execute"));
-        let body = request("nr-spin", "test.spin", "1.0.0", json!({}));
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()
-        })
-    };
+    let run = t.spawn_execute(request("nr-spin", "test.spin", "1.0.0", json!({})));
     wait_until_running(&t, 1).await;
     let (status, _) = t
         .post("/v1/atomic-node-runs/nr-spin:cancel", &json!({}))
         .await;
     assert_eq!(status, 204);
-    let result = run.await.unwrap();
+    let (status, result) = run.await.unwrap();
+    assert_eq!(status, 200);
     assert_outcome(&result, "canceled", Some("canceled"));
     assert!(
         began.elapsed() < Duration::from_secs(3),
@@ -213,22 +200,16 @@ async fn overload_answers_503_with_retry_after() {
     cfg.executor.queue_timeout = Duration::from_millis(200);
     cfg.executor.default_timeout = Duration::from_secs(3);
     let t = start(cfg, &[("spin.wasm", pack("spin", SPIN))]).await;
-    let spinner = {
-        let (client, url) = (t.client.clone(), t.url("/v1/atomic-node-runs:execute"));
-        let body = request("nr-hold", "test.spin", "1.0.0", json!({}));
-        tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap().status() })
-    };
+    let spinner = t.spawn_execute(request("nr-hold", "test.spin", "1.0.0", json!({})));
     wait_until_running(&t, 1).await;
     // One request may queue (and give up after 200 ms); the next is refused at once.
     let queued = {
-        let (client, url) = (t.client.clone(), t.url("/v1/atomic-node-runs:execute"));
-        let body = request(
+        t.spawn_execute(request(
             "nr-queued",
             "jarvis.core.echo",
             "0.3.8",
             json!({"echo": "x"}),
-        );
-        tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap() })
+        ))
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     let resp = t
@@ -251,13 +232,12 @@ async fn overload_answers_503_with_retry_after() {
 
     let queued = queued.await.unwrap();
     assert_eq!(
-        queued.status(),
-        503,
+        queued.0, 503,
         "the queued request must give up after the queue timeout"
     );
     t.post("/v1/atomic-node-runs/nr-hold:cancel", &json!({}))
         .await;
-    assert_eq!(spinner.await.unwrap(), 200);
+    assert_eq!(spinner.await.unwrap().0, 200);
     // An overloaded NodeRun was not recorded: retrying it now runs it.
     let retried = t
         .result(&request(
@@ -277,19 +257,12 @@ async fn health_answers_while_guests_spin() {
     let t = start(cfg, &[("spin.wasm", pack("spin", SPIN))]).await;
     let spinners: Vec<_> = (0..2)
         .map(|i| {
-            let (client, url) = (t.client.clone(), t.url("/v1/atomic-node-runs:execute"));
-            let body = request(&format!("nr-spin-{i}"), "test.spin", "1.0.0", json!({}));
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<serde_json::Value>()
-                    .await
-                    .unwrap()
-            })
+            t.spawn_execute(request(
+                &format!("nr-spin-{i}"),
+                "test.spin",
+                "1.0.0",
+                json!({}),
+            ))
         })
         .collect();
     wait_until_running(&t, 2).await;
@@ -309,7 +282,9 @@ async fn health_answers_while_guests_spin() {
         "the guests must still be spinning"
     );
     for s in spinners {
-        assert_outcome(&s.await.unwrap(), "failed", Some("timeout"));
+        let (status, result) = s.await.unwrap();
+        assert_eq!(status, 200);
+        assert_outcome(&result, "failed", Some("timeout"));
     }
 }
 

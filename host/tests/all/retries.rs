@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use jarvis_atomic_executor::watpack::{WatNode, WatPack};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::limits::wait_until_running;
 use crate::support::*;
@@ -22,29 +22,12 @@ fn slow() -> Vec<u8> {
 async fn duplicate_in_flight_attaches_and_runs_once() {
     let t = start(config(), &[("slow.wasm", slow())]).await;
     let body = request("nr-dup", "test.slow", "1.0.0", json!({"n": 1}));
-    let calls: Vec<_> = (0..3)
-        .map(|_| {
-            let (client, url, body) = (
-                t.client.clone(),
-                t.url("/v1/atomic-node-runs:execute"),
-                body.clone(),
-            );
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json::<Value>()
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
+    let calls: Vec<_> = (0..3).map(|_| t.spawn_execute(body.clone())).collect();
     let mut results = Vec::new();
     for c in calls {
-        results.push(c.await.unwrap());
+        let (status, result) = c.await.unwrap();
+        assert_eq!(status, 200, "{result}");
+        results.push(result);
     }
     assert_outcome(&results[0], "succeeded", None);
     assert!(
@@ -71,14 +54,7 @@ async fn retry_after_completion_gets_the_recorded_result() {
 async fn a_dropped_connection_does_not_stop_the_execution() {
     let t = start(config(), &[("slow.wasm", slow())]).await;
     let body = request("nr-dropped", "test.slow", "1.0.0", json!({"n": 3}));
-    let first = {
-        let (client, url, body) = (
-            t.client.clone(),
-            t.url("/v1/atomic-node-runs:execute"),
-            body.clone(),
-        );
-        tokio::spawn(async move { client.post(url).json(&body).send().await })
-    };
+    let first = t.spawn_execute(body.clone());
     wait_until_running(&t, 1).await;
     first.abort(); // the caller goes away mid-execution
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -99,11 +75,7 @@ async fn same_id_with_a_different_body_is_409() {
     assert_eq!(envelope["error"]["code"], "node_run_id_conflict");
 
     // Also while the first is still in flight.
-    let inflight = {
-        let (client, url) = (t.client.clone(), t.url("/v1/atomic-node-runs:execute"));
-        let body = request("nr-y", "test.slow", "1.0.0", json!({"n": 1}));
-        tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap().status() })
-    };
+    let inflight = t.spawn_execute(request("nr-y", "test.slow", "1.0.0", json!({"n": 1})));
     wait_until_running(&t, 1).await;
     let (status, _) = t
         .execute(&request(
@@ -114,7 +86,7 @@ async fn same_id_with_a_different_body_is_409() {
         ))
         .await;
     assert_eq!(status, 409);
-    assert_eq!(inflight.await.unwrap(), 200);
+    assert_eq!(inflight.await.unwrap().0, 200);
 }
 
 #[tokio::test]

@@ -86,23 +86,17 @@ impl TestServer {
     }
 
     pub(crate) async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            if text.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_str(&text).unwrap()
-            },
-        )
+        send(self.client.clone(), self.url(path), body.clone()).await
+    }
+
+    /// Sends an execute request from a task of its own, so the test can act
+    /// while it runs; the handle yields its status and JSON body.
+    pub(crate) fn spawn_execute(&self, body: Value) -> tokio::task::JoinHandle<(u16, Value)> {
+        tokio::spawn(send(
+            self.client.clone(),
+            self.url("/v1/atomic-node-runs:execute"),
+            body,
+        ))
     }
 
     pub(crate) async fn execute(&self, body: &Value) -> (u16, Value) {
@@ -138,4 +132,18 @@ pub(crate) fn assert_outcome(result: &Value, state: &str, code: Option<&str>) {
             "absent outputs must be omitted: {result}"
         );
     }
+}
+
+async fn send(client: reqwest::Client, url: String, body: Value) -> (u16, Value) {
+    let resp = client.post(url).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        },
+    )
 }
