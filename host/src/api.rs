@@ -191,21 +191,12 @@ async fn node_run_action(
 
 /// Parses and checks an `AtomicExecuteRequest`, reporting where it is wrong.
 pub fn parse_execute_request(body: &[u8]) -> Result<AtomicExecuteRequest, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let request: AtomicExecuteRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        invalid(
-            "request body is not a valid AtomicExecuteRequest",
-            &e.path().to_string(),
-            &e.inner().to_string(),
-        )
-    })?;
-    de.end().map_err(|e| {
-        invalid(
-            "request body is not a valid AtomicExecuteRequest",
-            "$",
-            &e.to_string(),
-        )
-    })?;
+    // Well-formed requests take the plain parser; only a failed parse pays
+    // for a second pass that tracks the path to the error.
+    let request = match serde_json::from_slice::<AtomicExecuteRequest>(body) {
+        Ok(request) => request,
+        Err(plain) => return Err(explain_parse_error(body, plain)),
+    };
     if let Some(constraints) = &request.constraints
         && let Err((path, message)) = constraints.validate()
     {
@@ -223,6 +214,17 @@ pub fn parse_execute_request(body: &[u8]) -> Result<AtomicExecuteRequest, ApiErr
         ));
     }
     Ok(request)
+}
+
+/// The error of an unparseable request, with the JSON path where it went wrong.
+fn explain_parse_error(body: &[u8], plain: serde_json::Error) -> ApiError {
+    const MESSAGE: &str = "request body is not a valid AtomicExecuteRequest";
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match serde_path_to_error::deserialize::<_, AtomicExecuteRequest>(&mut de) {
+        Err(e) => invalid(MESSAGE, &e.path().to_string(), &e.inner().to_string()),
+        // The value parsed; what failed is what follows it.
+        Ok(_) => invalid(MESSAGE, "$", &plain.to_string()),
+    }
 }
 
 fn invalid(message: &str, path: &str, reason: &str) -> ApiError {

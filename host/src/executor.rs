@@ -48,10 +48,12 @@ pub struct ExecutorConfig {
     pub retention_max: usize,
 }
 
-/// A finished execution: the result and its JSON, serialized once.
+/// A finished execution: its terminal state and its result as JSON,
+/// serialized once. Retained results keep only this, so retention holds one
+/// buffer per NodeRun rather than the result's tree of allocations.
 #[derive(Debug)]
 pub struct Completed {
-    pub result: AtomicExecuteResult,
+    pub state: NodeRunState,
     pub json: Bytes,
 }
 
@@ -393,15 +395,26 @@ impl Executor {
         };
         let ref_ = &request.node_type_ref;
         // One line per execution; the enclosing span names the principal.
-        tracing::info!(
-            node_run_id = %request.node_run_id,
-            run_id = %request.run_id,
-            node_type_id = %ref_.node_type_id,
-            version = %ref_.version,
-            state = ?state,
-            code = error.as_ref().map(|e| e.code.as_str()),
-            "execution finished"
-        );
+        // Successes are the hot path, so they are logged at debug level.
+        macro_rules! finished {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    node_run_id = %request.node_run_id,
+                    run_id = %request.run_id,
+                    node_type_id = %ref_.node_type_id,
+                    version = %ref_.version,
+                    state = ?state,
+                    code = error.as_ref().map(|e| e.code.as_str()),
+                    "execution finished"
+                )
+            };
+        }
+        if state == NodeRunState::Succeeded {
+            finished!(tracing::Level::DEBUG);
+        } else {
+            finished!(tracing::Level::INFO);
+        }
         let result = AtomicExecuteResult {
             node_run_id: request.node_run_id.clone(),
             state,
@@ -413,7 +426,7 @@ impl Executor {
             extensions: None,
         };
         let json = Bytes::from(serde_json::to_vec(&result).expect("results serialize"));
-        Arc::new(Completed { result, json })
+        Arc::new(Completed { state, json })
     }
 }
 

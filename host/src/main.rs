@@ -1,11 +1,18 @@
 //! `jarvis-atomic-executor`: serves the ARP Atomic Executor API over HTTP.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use jarvis_atomic_executor::Service;
 use jarvis_atomic_executor::config::Args;
 use tracing_subscriber::EnvFilter;
+
+// Every request allocates and frees a few dozen small buffers on its way
+// through HTTP, the sandbox and JSON; mimalloc serves them faster than glibc's
+// allocator and does not fragment under sustained load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     // LOG_LEVEL is what the Python services read; RUST_LOG wins when set.
@@ -16,7 +23,10 @@ fn main() -> ExitCode {
                 .to_lowercase(),
         )
     });
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
 
     let config = match Args::parse().validate() {
         Ok(config) => config,
