@@ -40,7 +40,7 @@ fn echo(c: &mut Criterion) {
             let request = request(counter.fetch_add(1, Ordering::Relaxed));
             let executor = executor.clone();
             async move {
-                let done = executor.execute(request).await.expect("executed");
+                let done = executor.execute(request, "bench").await.expect("executed");
                 assert_eq!(done.state, NodeRunState::Succeeded);
             }
         })

@@ -14,7 +14,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use jarvis_auth::Principal;
 use serde_json::{Value, json};
-use tracing::Instrument;
 
 use crate::executor::{ExecuteError, Executor};
 
@@ -165,10 +164,9 @@ async fn execute(
         },
     })?;
     let request = parse_execute_request(&body)?;
-    // The execution's log lines carry who asked for it.
+    // The execution's log line names who asked for it.
     let sub = principal.as_ref().map_or("anonymous", Principal::sub);
-    let span = tracing::info_span!("execute", principal = sub);
-    let completed = executor.execute(request).instrument(span).await?;
+    let completed = executor.execute(request, sub).await?;
     Ok(json_response(StatusCode::OK, completed.json.clone()))
 }
 

@@ -7,7 +7,7 @@
 //! running the node twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,7 +19,6 @@ use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::registry::{Lookup, NodeEntry, PackRegistry};
 use crate::runtime::{Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store};
@@ -130,8 +129,13 @@ impl Executor {
         self.invocations.load(Ordering::Relaxed)
     }
 
-    /// Executes `request`, or attaches to the execution of the same NodeRun.
-    pub async fn execute(self: &Arc<Self>, request: AtomicExecuteRequest) -> Shared {
+    /// Executes `request` for `principal` (the caller's `sub`, named on the
+    /// execution's log line), or attaches to the execution of the same NodeRun.
+    pub async fn execute(
+        self: &Arc<Self>,
+        request: AtomicExecuteRequest,
+        principal: &str,
+    ) -> Shared {
         let arrival = Instant::now();
         let fingerprint = fingerprint(&request);
         let mut rx = {
@@ -154,14 +158,17 @@ impl Executor {
                         },
                     );
                     let this = self.clone();
+                    let principal = Arc::<str>::from(principal);
                     let task = async move {
                         let id = request.node_run_id.clone();
-                        let outcome = this.run(request, cancel, arrival).await;
+                        // Boxed: the execution's future holds wasmtime's call
+                        // state, and spawning or polling an unboxed one copies it.
+                        let outcome =
+                            Box::pin(this.run(request, &principal, cancel, arrival)).await;
                         this.finish(id, &outcome);
                         let _ = tx.send(Some(outcome));
                     };
-                    // The caller's span (with its principal) follows the execution.
-                    tokio::spawn(task.instrument(tracing::Span::current()));
+                    tokio::spawn(task);
                     rx
                 }
             }
@@ -217,6 +224,7 @@ impl Executor {
     async fn run(
         &self,
         request: AtomicExecuteRequest,
+        principal: &str,
         cancel: CancellationToken,
         arrival: Instant,
     ) -> Shared {
@@ -245,7 +253,7 @@ impl Executor {
                     "unknown_node_type",
                     format!("Unknown node_type_id: {}", ref_.node_type_id),
                 );
-                return Ok(self.complete(&request, started_at, Err(failed(error))));
+                return Ok(self.complete(&request, principal, started_at, Err(failed(error))));
             }
             Lookup::UnknownVersion { available } => {
                 let error = ErrorDetail::new(
@@ -258,7 +266,7 @@ impl Executor {
                 .with_details(object(
                     json!({ "requested": ref_.version, "available": available }),
                 ));
-                return Ok(self.complete(&request, started_at, Err(failed(error))));
+                return Ok(self.complete(&request, principal, started_at, Err(failed(error))));
             }
         };
         if let Some(node_limit) = entry.max_wall_time {
@@ -272,7 +280,7 @@ impl Executor {
                 "inputs do not match the node's input schema",
             )
             .with_details(schema_errors(&entry.input_schema, &inputs));
-            return Ok(self.complete(&request, started_at, Err(failed(error))));
+            return Ok(self.complete(&request, principal, started_at, Err(failed(error))));
         }
 
         let _permit = match self.admit(deadline, &cancel).await {
@@ -283,7 +291,12 @@ impl Executor {
                 });
             }
             Err(Admission::Interrupted(why)) => {
-                return Ok(self.complete(&request, started_at, Err(interrupted_error(why, limit))));
+                return Ok(self.complete(
+                    &request,
+                    principal,
+                    started_at,
+                    Err(interrupted_error(why, limit)),
+                ));
             }
         };
 
@@ -293,6 +306,7 @@ impl Executor {
         let outcome = outcome.and_then(|text| check_outputs(&entry, &text));
         Ok(self.complete(
             &request,
+            principal,
             started_at,
             outcome.map_err(|e| e.into_ended(limit)),
         ))
@@ -386,6 +400,7 @@ impl Executor {
     fn complete(
         &self,
         request: &AtomicExecuteRequest,
+        principal: &str,
         started_at: String,
         outcome: Result<JsonObject, (NodeRunState, ErrorDetail)>,
     ) -> Arc<Completed> {
@@ -394,14 +409,14 @@ impl Executor {
             Err((state, e)) => (state, None, Some(e)),
         };
         let ref_ = &request.node_type_ref;
-        // One line per execution; the enclosing span names the principal.
-        // Successes are the hot path, so they are logged at debug level.
+        // One line per execution, naming who asked for it. Successes are the hot path, so they are logged at debug level.
         macro_rules! finished {
             ($level:expr) => {
                 tracing::event!(
                     $level,
                     node_run_id = %request.node_run_id,
                     run_id = %request.run_id,
+                    principal,
                     node_type_id = %ref_.node_type_id,
                     version = %ref_.version,
                     state = ?state,
@@ -574,10 +589,19 @@ fn unix_ms_at(deadline: Instant) -> u64 {
 
 /// Identifies a request's content, so a retry can be told from a conflict.
 fn fingerprint(request: &AtomicExecuteRequest) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    /// Feeds serialized bytes straight into the hasher, with no buffer between.
+    struct HashWriter(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for HashWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.write(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut writer = HashWriter(Default::default());
     // Serialization is canonical: struct fields in order, maps sorted.
-    serde_json::to_vec(request)
-        .expect("requests serialize")
-        .hash(&mut hasher);
-    hasher.finish()
+    serde_json::to_writer(&mut writer, request).expect("requests serialize");
+    writer.0.finish()
 }

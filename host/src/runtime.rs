@@ -67,7 +67,10 @@ pub fn build_engine(
         // shootdowns interrupt every other core on each execution.
         .linear_memory_keep_resident(1 << 20)
         .table_keep_resident(64 << 10)
-        .async_stack_keep_resident(128 << 10);
+        .async_stack_keep_resident(128 << 10)
+        // Where the kernel can say which pages a guest dirtied (Linux 6.7+),
+        // only those are reset; the rest of the slot stays as it was.
+        .pagemap_scan(wasmtime::Enabled::Auto);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
 
     if let Some(dir) = cache_dir {

@@ -172,7 +172,7 @@ async fn sleep_waits_as_long_as_asked() {
     );
 }
 
-/// 1,024 sleeps of 0.1 s at once finish in about 0.1 s: the host's timer
+/// 1,024 sleeps at once run side by side on a few threads: the host's timer
 /// holds no thread while a guest waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sleeps_hold_no_threads() {
@@ -190,6 +190,18 @@ async fn concurrent_sleeps_hold_no_threads() {
         .build()
         .unwrap();
     let url = t.url("/v1/atomic-node-runs:execute");
+    // How many sleeps are in the executor at once, sampled while they run.
+    let executor = t.server.service.executor.clone();
+    let peak = tokio::spawn(async move {
+        let mut peak = 0;
+        loop {
+            peak = peak.max(executor.running());
+            if peak > 0 && executor.running() == 0 {
+                return peak;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     let started = Instant::now();
     let calls = (0..1024).map(|i| {
         let client = client.clone();
@@ -198,7 +210,7 @@ async fn concurrent_sleeps_hold_no_threads() {
             &format!("nr-many-{i}"),
             "jarvis.core.sleep",
             VERSION,
-            json!({"seconds": 0.1, "duration_seconds": null}),
+            json!({"seconds": 1, "duration_seconds": null}),
         );
         tokio::spawn(async move {
             let result: Value = client
@@ -219,11 +231,15 @@ async fn concurrent_sleeps_hold_no_threads() {
         assert_outcome(&result, "succeeded", None);
     }
     let elapsed = started.elapsed();
+    let peak = peak.await.unwrap();
     let threads = std::fs::read_dir("/proc/self/task")
         .map(|d| d.count())
         .unwrap_or(0);
-    eprintln!("1024 concurrent 0.1 s sleeps: {elapsed:?}, {threads} threads in the test process");
-    // Generous for debug builds on a loaded 2-core machine; sequential would be 102 s.
-    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    eprintln!(
+        "1024 concurrent 1 s sleeps: {elapsed:?}, at most {peak} at once, {threads} threads in the test process"
+    );
+    // Most of the sleeps overlap, on far fewer threads than sleeps. (How close
+    // to 1 s they finish is the HTTP benchmark's figure, not a test's.)
+    assert!(peak >= 512, "only {peak} sleeps ran at once");
     assert!(threads < 200, "{threads} threads");
 }
