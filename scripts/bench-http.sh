@@ -3,11 +3,13 @@
 # ../shared/bench: each server pinned to CPU 1, wrk pinned to CPU 0, interleaved
 # rounds so both see the same machine. Needs wrk, jq, curl, taskset.
 # Usage: scripts/bench-http.sh [-c CONNECTIONS=64] [-d SECONDS=10] [--rounds N=3]
-#        [-n NODE] [-i INPUTS] [--no-limit]   (env passes through, e.g. JARVIS_MAX_CONCURRENCY)
+#        [-n NODE] [-i INPUTS] [--packs DIR=nodepacks] [--no-limit]
+#        (env passes through, e.g. JARVIS_MAX_CONCURRENCY). With the core pack built,
+#        jarvis.core.echo is the pack's Rust echo; `--packs /nonexistent` measures the built-in.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bench=${SHARED_DIR:-../shared}/bench
-conc=64 dur=10 rounds=3 node=jarvis.core.echo inputs='{"echo":"hi"}' limit=1
+conc=64 dur=10 rounds=3 node=jarvis.core.echo inputs='{"echo":"hi"}' limit=1 packs=nodepacks
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -c) conc=$2; shift 2 ;;
@@ -15,6 +17,7 @@ while [[ $# -gt 0 ]]; do
     --rounds) rounds=$2; shift 2 ;;
     -n) node=$2; shift 2 ;;
     -i) inputs=$2; shift 2 ;;
+    --packs) packs=$2; shift 2 ;;
     --no-limit) limit=0; shift ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
@@ -23,7 +26,7 @@ cargo build --release -p jarvis-atomic-executor >&2
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 ours=$("$bench/start_server.sh" cmd --port 18084 --cpus 1 --log /tmp/bench-ours.log -- \
-  env ARP_AUTH_PROFILE=dev-insecure target/release/jarvis-atomic-executor --port 18084 --packs nodepacks | tail -1)
+  env ARP_AUTH_PROFILE=dev-insecure target/release/jarvis-atomic-executor --port 18084 --packs "$packs" | tail -1)
 pids+=("$ours")
 targets=(--target "ours=http://127.0.0.1:18084@$ours")
 if [[ $limit == 1 ]]; then

@@ -16,6 +16,10 @@ use jarvis_run_coordinator::Server;
 use jarvis_run_coordinator::config::{Config, LocalPolicy};
 use serde_json::{Value, json};
 
+// As the binaries: the allocator is part of the per-run cost.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
