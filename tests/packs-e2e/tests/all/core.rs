@@ -212,18 +212,7 @@ async fn concurrent_sleeps_hold_no_threads() {
             VERSION,
             json!({"seconds": 1, "duration_seconds": null}),
         );
-        tokio::spawn(async move {
-            let result: Value = client
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            result
-        })
+        tokio::spawn(async move { execute(&client, &url, &body).await })
     });
     let calls: Vec<_> = calls.collect();
     for call in calls {

@@ -112,20 +112,13 @@ async fn compiling_a_python_pack_does_not_stop_serving() {
         assert!(Instant::now() < deadline, "packs still loading after 600 s");
         i += 1;
         let started = Instant::now();
-        let result: serde_json::Value = client
-            .post(&url)
-            .json(&request(
-                &format!("nr-while-{i}"),
-                "jarvis.core.echo",
-                "0.3.8",
-                json!({"echo": "still here"}),
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = request(
+            &format!("nr-while-{i}"),
+            "jarvis.core.echo",
+            "0.3.8",
+            json!({"echo": "still here"}),
+        );
+        let result = execute(&client, &url, &body).await;
         if registry.pending() > 0 && result["state"] == "succeeded" {
             served_while_compiling += 1;
             slowest = slowest.max(started.elapsed());

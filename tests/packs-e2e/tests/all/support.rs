@@ -87,17 +87,12 @@ impl TestServer {
 
     /// Executes and expects a 200 result; returns it.
     pub(crate) async fn result(&self, body: &Value) -> Value {
-        let response = self
-            .client
-            .post(self.url("/v1/atomic-node-runs:execute"))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let result: Value = response.json().await.unwrap();
-        assert_eq!(status, 200, "{result}");
-        result
+        execute(
+            &self.client,
+            &self.url("/v1/atomic-node-runs:execute"),
+            body,
+        )
+        .await
     }
 
     pub(crate) async fn node_types(&self) -> Vec<Value> {
@@ -132,4 +127,13 @@ pub(crate) fn assert_outcome(result: &Value, state: &str, code: Option<&str>) {
     } else {
         assert!(result.get("outputs").is_none(), "{result}");
     }
+}
+
+/// Posts `body` to an execute `url` with `client`, expects a 200 result and returns it.
+pub(crate) async fn execute(client: &reqwest::Client, url: &str, body: &Value) -> Value {
+    let response = client.post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{result}");
+    result
 }
