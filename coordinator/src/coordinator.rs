@@ -190,19 +190,34 @@ impl Coordinator {
         Ok(run)
     }
 
-    pub async fn get_run(&self, run_id: String) -> Result<Run, ApiError> {
-        let msg = format!("Run '{run_id}' not found");
-        self.store
-            .get_run(run_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("run_not_found", msg))
+    pub fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
+        self.store.get_run(run_id)?.ok_or_else(|| {
+            ApiError::not_found("run_not_found", format!("Run '{run_id}' not found"))
+        })
     }
 
-    pub async fn get_node_run(&self, node_run_id: String) -> Result<NodeRun, ApiError> {
-        let msg = format!("NodeRun '{node_run_id}' not found");
-        let row = self.store.get_node_run(node_run_id).await?;
-        row.map(|r| r.node_run)
-            .ok_or_else(|| ApiError::not_found("node_run_not_found", msg))
+    /// `run_not_found` unless the run exists (without reading its body).
+    pub fn ensure_run(&self, run_id: &str) -> Result<(), ApiError> {
+        match self
+            .store
+            .read(|c| crate::store::run_is_terminal(c, run_id))?
+        {
+            Some(_) => Ok(()),
+            None => Err(ApiError::not_found(
+                "run_not_found",
+                format!("Run '{run_id}' not found"),
+            )),
+        }
+    }
+
+    pub fn get_node_run(&self, node_run_id: &str) -> Result<NodeRun, ApiError> {
+        let row = self.store.get_node_run(node_run_id)?;
+        row.map(|r| r.node_run).ok_or_else(|| {
+            ApiError::not_found(
+                "node_run_not_found",
+                format!("NodeRun '{node_run_id}' not found"),
+            )
+        })
     }
 
     pub async fn cancel_run(self: &Arc<Self>, run_id: String) -> Result<Run, ApiError> {
@@ -246,11 +261,10 @@ impl Coordinator {
         }
         // Cheap checks first so a bad request costs no catalog lookups; the
         // transaction below checks everything again against committed state.
-        let run = self.get_run(req.run_id.clone()).await?;
+        let run = self.get_run(&req.run_id)?;
         let parent = self
             .store
-            .get_node_run(req.parent_node_run_id.clone())
-            .await?
+            .get_node_run(&req.parent_node_run_id)?
             .ok_or_else(|| {
                 ApiError::not_found(
                     "parent_node_run_not_found",

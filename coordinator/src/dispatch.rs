@@ -88,7 +88,6 @@ async fn poll(coord: Arc<Coordinator>) {
         let overdue = coord
             .store
             .read(|conn| overdue(conn, now_ms() - DEADLINE_GRACE_MS))
-            .await
             .unwrap_or_else(|err| {
                 tracing::error!(error = %err, "looking for overdue NodeRuns failed");
                 Vec::new()
@@ -144,13 +143,13 @@ async fn dispatch(coord: &Arc<Coordinator>, node_run_id: &str) {
 
 /// Kind, candidate and policy checks, then `running`, in one transaction.
 async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, StoreError> {
-    let Some(row) = coord.store.get_node_run(node_run_id.to_owned()).await? else {
+    let Some(row) = coord.store.get_node_run(node_run_id)? else {
         return Ok(Begin::Stop);
     };
     if row.node_run.state.is_terminal() || !row.dispatch_pending {
         return Ok(Begin::Stop);
     }
-    let Some(run) = coord.store.get_run(row.node_run.run_id.clone()).await? else {
+    let Some(run) = coord.store.get_run(&row.node_run.run_id)? else {
         return Ok(Begin::Stop);
     };
     let node_run = &row.node_run;
@@ -285,7 +284,7 @@ async fn resolve_node_type(
             return info;
         }
         tokio::time::sleep(backoff(n, None, deadline_at)).await;
-        match coord.store.get_node_run(node_run.node_run_id.clone()).await {
+        match coord.store.get_node_run(&node_run.node_run_id) {
             Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
             _ => return info,
         }
@@ -377,7 +376,7 @@ where
             }
         };
         tokio::time::sleep(backoff(n, retry_after, deadline_at)).await;
-        match coord.store.get_node_run(node_run_id.to_owned()).await {
+        match coord.store.get_node_run(node_run_id) {
             Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
             _ => return Ok(None),
         }

@@ -131,54 +131,51 @@ async fn next_chunk(cursor: &mut Cursor) -> Result<Option<Bytes>, StoreError> {
         let changed = notify.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let (run_id, after, scope) = (
-            cursor.req.run_id.clone(),
-            cursor.req.after_seq,
-            cursor.req.scope.clone(),
-        );
-        let page = cursor
-            .coord
-            .store
-            .read(move |conn| {
-                // The state is read first: if it is terminal, the events read
-                // next include run_completed, committed with that state.
-                let terminal =
-                    store::load_run(conn, &run_id)?.is_none_or(|r| r.state.is_terminal());
-                let events = store::events_after(conn, &run_id, after, PAGE)?;
-                let scope_ids = match (&scope, events.is_empty()) {
-                    (Scope::NodeRun(root), false) => Some(descendants(conn, &run_id, root)?),
-                    _ => None,
-                };
-                Ok(Page {
-                    terminal,
-                    events,
-                    scope_ids,
-                })
+        let req = &cursor.req;
+        let page = cursor.coord.store.read(|conn| {
+            // The state is read first: if it is terminal, the events read
+            // next include run_completed, committed with that state.
+            let terminal = store::run_is_terminal(conn, &req.run_id)?.unwrap_or(true);
+            let events = store::events_after(conn, &req.run_id, req.after_seq, PAGE)?;
+            let scope_ids = match (&req.scope, events.is_empty()) {
+                (Scope::NodeRun(root), false) => Some(descendants(conn, &req.run_id, root)?),
+                _ => None,
+            };
+            Ok(Page {
+                terminal,
+                events,
+                scope_ids,
             })
-            .await?;
+        })?;
+        // Nothing can follow a short page of a terminal run (its last event is
+        // in it) or of a stream that does not follow: no need to read again.
+        let last_page = page.events.len() < PAGE && (page.terminal || !req.follow);
+        let mut chunk = Vec::new();
+        for event in &page.events {
+            let in_scope = match &page.scope_ids {
+                None => true,
+                Some(ids) => event
+                    .node_run_id
+                    .as_ref()
+                    .is_some_and(|id| ids.contains(id)),
+            };
+            if in_scope {
+                chunk.extend_from_slice(event.line.as_bytes());
+                chunk.push(b'\n');
+            }
+        }
         if let Some(last) = page.events.last() {
             cursor.req.after_seq = Some(last.seq);
-            let mut chunk = Vec::new();
-            for event in &page.events {
-                let in_scope = match &page.scope_ids {
-                    None => true,
-                    Some(ids) => event
-                        .node_run_id
-                        .as_ref()
-                        .is_some_and(|id| ids.contains(id)),
-                };
-                if in_scope {
-                    chunk.extend_from_slice(event.line.as_bytes());
-                    chunk.push(b'\n');
-                }
-            }
-            if !chunk.is_empty() {
-                return Ok(Some(Bytes::from(chunk)));
-            }
-            continue;
         }
-        if page.terminal || !cursor.req.follow {
+        if !chunk.is_empty() {
+            cursor.done = last_page;
+            return Ok(Some(Bytes::from(chunk)));
+        }
+        if last_page {
             return Ok(None);
+        }
+        if !page.events.is_empty() {
+            continue;
         }
         // The timeout is a safety net only; commits wake followers.
         let _ = tokio::time::timeout(IDLE_RECHECK, changed).await;

@@ -5,7 +5,9 @@
 //! (group commit) and only then answers the callers, publishes "run changed"
 //! notifications and hands new NodeRuns to the dispatcher. So a NodeRun is never
 //! dispatched, and an event never streamed, before it is durable. Reads use a
-//! small pool of read connections (WAL lets them run beside the writer).
+//! small pool of read connections (WAL lets them run beside the writer, and a
+//! reader never waits for it), on the calling task: they are point lookups and
+//! bounded pages served from the page cache, cheaper than a hop to another thread.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -119,32 +121,24 @@ impl Store {
         answer.await.map_err(|_| E::from(StoreError::Closed))?
     }
 
-    /// Runs `op` on a read connection (a consistent snapshot) off the async threads.
-    pub async fn read<T, F>(&self, op: F) -> Result<T, StoreError>
+    /// Runs `op` on a read connection (a consistent snapshot), here and now.
+    /// Keep `op` bounded (a lookup, a page): it runs on the caller's thread.
+    pub fn read<T, F>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError>,
     {
-        let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = readers.take()?;
-            let result = op(&conn);
-            readers.give_back(conn);
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Join(e.to_string()))?
+        let conn = self.readers.take()?;
+        let result = op(&conn);
+        self.readers.give_back(conn);
+        result
     }
 
-    pub async fn get_run(&self, run_id: String) -> Result<Option<Run>, StoreError> {
-        self.read(move |c| load_run(c, &run_id)).await
+    pub fn get_run(&self, run_id: &str) -> Result<Option<Run>, StoreError> {
+        self.read(|c| load_run(c, run_id))
     }
 
-    pub async fn get_node_run(
-        &self,
-        node_run_id: String,
-    ) -> Result<Option<NodeRunRow>, StoreError> {
-        self.read(move |c| load_node_run(c, &node_run_id)).await
+    pub fn get_node_run(&self, node_run_id: &str) -> Result<Option<NodeRunRow>, StoreError> {
+        self.read(|c| load_node_run(c, node_run_id))
     }
 }
 
@@ -191,7 +185,7 @@ fn writer_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, hooks
                 Err(_) => break,
             }
         }
-        let began = conn.execute_batch("BEGIN IMMEDIATE");
+        let began = run_statement(&conn, "BEGIN IMMEDIATE");
         if let Err(e) = &began {
             tracing::error!(error = %e, "could not begin a write transaction");
         }
@@ -216,9 +210,9 @@ fn writer_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, hooks
             ..
         } = tx;
         let committed = match began {
-            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| {
+            Ok(()) => run_statement(&conn, "COMMIT").map_err(|e| {
                 tracing::error!(error = %e, "commit failed; rolling back the batch");
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = run_statement(&conn, "ROLLBACK");
                 Arc::new(StoreError::from(e))
             }),
             Err(e) => Err(Arc::new(StoreError::from(e))),
@@ -238,6 +232,12 @@ fn writer_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, hooks
             }
         }
     }
+}
+
+/// Runs a parameterless statement, parsed once per connection.
+fn run_statement(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -310,10 +310,8 @@ impl Tx<'_> {
         result
     }
 
-    /// Runs a parameterless statement, parsed once per connection.
     fn statement(&self, sql: &str) -> Result<(), StoreError> {
-        self.conn.prepare_cached(sql)?.execute([])?;
-        Ok(())
+        Ok(run_statement(self.conn, sql)?)
     }
 
     pub fn conn(&self) -> &Connection {
@@ -555,6 +553,16 @@ pub struct StoredEvent {
     pub line: String,
 }
 
+/// Whether the run is in a terminal state (`None`: no such run), without reading its body.
+pub fn run_is_terminal(conn: &Connection, run_id: &str) -> Result<Option<bool>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT state IN ('succeeded', 'failed', 'canceled') FROM runs WHERE run_id = ?1",
+        )?
+        .query_row(params![run_id], |r| r.get(0))
+        .optional()?)
+}
+
 /// Events of `run_id` with seq greater than `after` (all when `None`), oldest first.
 pub fn events_after(
     conn: &Connection,
@@ -562,18 +570,20 @@ pub fn events_after(
     after: Option<u64>,
     limit: usize,
 ) -> Result<Vec<StoredEvent>, StoreError> {
+    // No `LIMIT ?`: SQLite re-plans a statement whose LIMIT is a bound parameter
+    // on every execution (it may use the value); stopping the iteration is as good.
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, node_run_id, body FROM events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        "SELECT seq, node_run_id, body FROM events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq",
     )?;
     let after = after.map_or(-1, |a| a as i64);
-    let rows = stmt.query_map(params![run_id, after, limit as i64], |r| {
+    let rows = stmt.query_map(params![run_id, after], |r| {
         Ok(StoredEvent {
             seq: r.get::<_, i64>(0)? as u64,
             node_run_id: r.get(1)?,
             line: r.get(2)?,
         })
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    Ok(rows.take(limit).collect::<Result<_, _>>()?)
 }
 
 /// `(node_run_id, parent_node_run_id)` of every NodeRun of the run.
