@@ -41,12 +41,20 @@
 //! - [`bindings`]: the `jarvis:node` world, generated from `wit/` by wit-bindgen.
 //! - `pack`: [`Pack`], [`Node`] and [`Context`], and the `describe`/`invoke` dispatch.
 //! - [`time`], [`random`], [`log`]: what the host grants a pack, in std types.
+//! - `arena` (feature, on by default): the pack's global allocator, which
+//!   serves a call from the initial memory instead of growing it.
 
 // The bindings and the export macro name this crate by its absolute path so
 // that they also resolve inside user crates.
 extern crate self as jarvis_pack_sdk;
 
+#[cfg(all(feature = "arena", target_arch = "wasm32", not(target_feature = "atomics")))]
+mod arena;
 mod pack;
+
+#[cfg(all(feature = "arena", target_arch = "wasm32", not(target_feature = "atomics")))]
+#[global_allocator]
+static ALLOCATOR: arena::Arena = arena::Arena::new();
 
 pub use pack::{Context, Node, Pack};
 pub use serde_json::{self, Value, json};

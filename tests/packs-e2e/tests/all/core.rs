@@ -155,6 +155,52 @@ async fn uuid4_differs_every_call() {
     }
 }
 
+/// Inputs far larger than the pack's arena (448 KiB of initial heap): the SDK's
+/// allocator hands over to the standard one mid-call, buffers growing across the
+/// boundary keep their contents, and a later small call starts afresh.
+#[tokio::test]
+async fn inputs_larger_than_the_arena() {
+    let Some(t) = core_server().await else { return };
+    let text = "a".repeat(1_000_000);
+    let inputs = json!({"content_base64": null, "text": text, "encoding": null});
+    let result = t
+        .result(&request(
+            "nr-big-sha",
+            "jarvis.core.hash.sha256",
+            VERSION,
+            inputs,
+        ))
+        .await;
+    assert_outcome(&result, "succeeded", None);
+    // The FIPS 180-2 test vector: one million 'a'.
+    assert_eq!(
+        result["outputs"]["sha256"],
+        "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+    );
+    let result = t
+        .result(&request(
+            "nr-big-echo",
+            "jarvis.core.echo",
+            VERSION,
+            json!({"echo": text}),
+        ))
+        .await;
+    assert_outcome(&result, "succeeded", None);
+    assert!(
+        result["outputs"]["echo"] == text.as_str(),
+        "echo changed the text"
+    );
+    let result = t
+        .result(&request(
+            "nr-small-echo",
+            "jarvis.core.echo",
+            VERSION,
+            json!({"echo": "hi"}),
+        ))
+        .await;
+    assert_eq!(result["outputs"], json!({"echo": "hi"}));
+}
+
 #[tokio::test]
 async fn sleep_waits_as_long_as_asked() {
     let Some(t) = core_server().await else { return };
