@@ -40,8 +40,6 @@ pub enum StoreError {
     Closed,
     #[error("a store operation panicked")]
     Panicked,
-    #[error("blocking task failed: {0}")]
-    Join(String),
 }
 
 /// What committed writes publish: which runs gained events, which NodeRuns to dispatch.
