@@ -67,17 +67,35 @@ pub enum ExecuteError {
 
 type Shared = Result<Arc<Completed>, ExecuteError>;
 
-struct Execution {
-    fingerprint: u64,
-    cancel: CancellationToken,
-    result: watch::Receiver<Option<Shared>>,
+/// A NodeRun the executor knows of.
+enum Slot {
+    /// Running: a retry attaches to `result`.
+    Running {
+        fingerprint: u64,
+        cancel: CancellationToken,
+        result: watch::Receiver<Option<Shared>>,
+    },
+    /// Finished: a retry gets the result until it is pruned. Only what a
+    /// retry needs is kept, so pruning frees two allocations, not a channel.
+    Finished {
+        fingerprint: u64,
+        result: Arc<Completed>,
+    },
+}
+
+impl Slot {
+    fn fingerprint(&self) -> u64 {
+        match self {
+            Self::Running { fingerprint, .. } | Self::Finished { fingerprint, .. } => *fingerprint,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Executions {
-    live: HashMap<String, Execution>,
-    /// Finished ids, oldest first, for pruning.
-    finished: VecDeque<(Instant, String)>,
+    live: HashMap<Arc<str>, Slot>,
+    /// Finished ids (shared with `live`'s keys), oldest first, for pruning.
+    finished: VecDeque<(Instant, Arc<str>)>,
 }
 
 /// Runs atomic NodeRuns against the packs of a [`PackRegistry`].
@@ -141,17 +159,19 @@ impl Executor {
         let mut rx = {
             let mut executions = self.lock();
             self.prune(&mut executions, arrival);
-            match executions.live.get(&request.node_run_id) {
-                Some(e) if e.fingerprint != fingerprint => {
+            match executions.live.get(request.node_run_id.as_str()) {
+                Some(slot) if slot.fingerprint() != fingerprint => {
                     return Err(ExecuteError::Conflict(request.node_run_id));
                 }
-                Some(e) => e.result.clone(),
+                Some(Slot::Finished { result, .. }) => return Ok(result.clone()),
+                Some(Slot::Running { result, .. }) => result.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     let cancel = CancellationToken::new();
+                    let id = Arc::<str>::from(request.node_run_id.as_str());
                     executions.live.insert(
-                        request.node_run_id.clone(),
-                        Execution {
+                        id.clone(),
+                        Slot::Running {
                             fingerprint,
                             cancel: cancel.clone(),
                             result: rx.clone(),
@@ -160,7 +180,6 @@ impl Executor {
                     let this = self.clone();
                     let principal = Arc::<str>::from(principal);
                     let task = async move {
-                        let id = request.node_run_id.clone();
                         // Boxed: the execution's future holds wasmtime's call
                         // state, and spawning or polling an unboxed one copies it.
                         let outcome =
@@ -187,8 +206,8 @@ impl Executor {
     pub fn cancel(&self, node_run_id: &str) -> bool {
         let executions = self.lock();
         match executions.live.get(node_run_id) {
-            Some(e) if e.result.borrow().is_none() => {
-                e.cancel.cancel();
+            Some(Slot::Running { cancel, .. }) => {
+                cancel.cancel();
                 true
             }
             _ => false,
@@ -201,12 +220,21 @@ impl Executor {
 
     /// Records a finished execution for retries, or forgets one that got no
     /// result (overloaded) so a retry can run it.
-    fn finish(&self, node_run_id: String, outcome: &Shared) {
+    fn finish(&self, node_run_id: Arc<str>, outcome: &Shared) {
         let mut executions = self.lock();
-        if outcome.is_ok() {
-            executions.finished.push_back((Instant::now(), node_run_id));
-        } else {
-            executions.live.remove(&node_run_id);
+        match outcome {
+            Ok(result) => {
+                if let Some(slot) = executions.live.get_mut(&node_run_id) {
+                    *slot = Slot::Finished {
+                        fingerprint: slot.fingerprint(),
+                        result: result.clone(),
+                    };
+                }
+                executions.finished.push_back((Instant::now(), node_run_id));
+            }
+            Err(_) => {
+                executions.live.remove(&node_run_id);
+            }
         }
     }
 
