@@ -23,9 +23,9 @@ fn request(n: u64) -> AtomicExecuteRequest {
 }
 
 fn echo(c: &mut Criterion) {
-    // A request handler spawns its execution on the worker it runs on; a
-    // current-thread runtime measures that path without criterion's thread
-    // handing every iteration to another thread and back.
+    // A request handler runs its execution in its own task; a current-thread
+    // runtime measures that path without criterion's thread handing every
+    // iteration to another thread and back.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

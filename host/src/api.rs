@@ -79,6 +79,12 @@ impl IntoResponse for ApiError {
             ApiError::Execute(ExecuteError::Conflict(_)) => {
                 (StatusCode::CONFLICT, "node_run_id_conflict", None, None)
             }
+            ApiError::Execute(ExecuteError::Internal) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                None,
+                None,
+            ),
         };
         let mut envelope = ErrorEnvelope::new(code, message);
         envelope.error.details = details;

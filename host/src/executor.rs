@@ -1,27 +1,33 @@
 //! Executes atomic NodeRuns: admission, one fresh sandbox per execution, time
 //! and memory limits, cancellation, and safe retries of the same NodeRun.
 //!
-//! Every execution runs in a task of its own, so a caller that disconnects
-//! does not stop it; a retry with the same `node_run_id` and request attaches
-//! to it (or, shortly after it ends, gets the recorded result) instead of
-//! running the node twice.
+//! An execution runs inside the caller's own task, so a short call completes in
+//! one poll of the request; if the caller goes away first (the client
+//! disconnected), the execution moves to a task of its own and runs to its end.
+//! A retry with the same `node_run_id` and request attaches to it (or, shortly
+//! after it ends, gets the recorded result) instead of running the node twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hasher;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arp_types::time::now_rfc3339;
 use arp_types::{AtomicExecuteRequest, AtomicExecuteResult, ErrorDetail, JsonObject, NodeRunState};
 use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Lookup, NodeEntry, PackRegistry};
-use crate::runtime::{Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store};
+use crate::runtime::{
+    Cancel, Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store,
+};
 use crate::world::Invocation;
 
 /// What an `overloaded` answer tells the caller to wait before retrying.
@@ -63,17 +69,20 @@ pub enum ExecuteError {
     Overloaded { retry_after: Duration },
     #[error("node_run_id {0} is already used by a different request")]
     Conflict(String),
+    /// The execution failed inside the executor (a bug, never a guest's doing).
+    #[error("the execution failed inside the executor")]
+    Internal,
 }
 
 type Shared = Result<Arc<Completed>, ExecuteError>;
 
 /// A NodeRun the executor knows of.
 enum Slot {
-    /// Running: a retry attaches to `result`.
+    /// Running: a retry waits in `attached`, made when the first retry comes.
     Running {
         fingerprint: u64,
-        cancel: CancellationToken,
-        result: watch::Receiver<Option<Shared>>,
+        cancel: Arc<Cancel>,
+        attached: Option<Arc<Attached>>,
     },
     /// Finished: a retry gets the result until it is pruned. Only what a
     /// retry needs is kept, so pruning frees two allocations, not a channel.
@@ -91,9 +100,36 @@ impl Slot {
     }
 }
 
+/// Where retries of a running NodeRun wait for its outcome.
+#[derive(Default)]
+struct Attached {
+    outcome: OnceLock<Shared>,
+    published: Notify,
+}
+
+impl Attached {
+    async fn wait(&self) -> Shared {
+        loop {
+            let published = self.published.notified();
+            tokio::pin!(published);
+            // Registered before the check, so a publish in between is not missed.
+            published.as_mut().enable();
+            if let Some(outcome) = self.outcome.get() {
+                return outcome.clone();
+            }
+            published.await;
+        }
+    }
+
+    fn publish(&self, outcome: &Shared) {
+        let _ = self.outcome.set(outcome.clone());
+        self.published.notify_waiters();
+    }
+}
+
 #[derive(Default)]
 struct Executions {
-    live: HashMap<Arc<str>, Slot>,
+    live: HashMap<Arc<str>, Slot, foldhash::fast::RandomState>,
     /// Finished ids (shared with `live`'s keys), oldest first, for pruning.
     finished: VecDeque<(Instant, Arc<str>)>,
 }
@@ -105,6 +141,9 @@ pub struct Executor {
     permits: Arc<Semaphore>,
     queued: AtomicUsize,
     executions: Mutex<Executions>,
+    /// Seeds request fingerprints, randomly per process, so no caller can
+    /// craft a different request that passes for another's retry.
+    fingerprints: foldhash::quality::RandomState,
     /// Guest invocations started, ever (retries that attach do not count).
     invocations: AtomicU64,
 }
@@ -125,6 +164,7 @@ impl Executor {
             config,
             queued: AtomicUsize::new(0),
             executions: Mutex::new(Executions::default()),
+            fingerprints: foldhash::quality::RandomState::default(),
             invocations: AtomicU64::new(0),
         }
     }
@@ -155,50 +195,59 @@ impl Executor {
         principal: &str,
     ) -> Shared {
         let arrival = Instant::now();
-        let fingerprint = fingerprint(&request);
-        let mut rx = {
+        let fingerprint = fingerprint(&self.fingerprints, &request);
+        /// What the lookup found to do, decided under the lock.
+        enum Next {
+            Run(Arc<str>, Arc<Cancel>),
+            Attach(Arc<Attached>),
+        }
+        let next = {
             let mut executions = self.lock();
             self.prune(&mut executions, arrival);
-            match executions.live.get(request.node_run_id.as_str()) {
+            match executions.live.get_mut(request.node_run_id.as_str()) {
                 Some(slot) if slot.fingerprint() != fingerprint => {
                     return Err(ExecuteError::Conflict(request.node_run_id));
                 }
                 Some(Slot::Finished { result, .. }) => return Ok(result.clone()),
-                Some(Slot::Running { result, .. }) => result.clone(),
+                Some(Slot::Running { attached, .. }) => {
+                    Next::Attach(attached.get_or_insert_with(Default::default).clone())
+                }
                 None => {
-                    let (tx, rx) = watch::channel(None);
-                    let cancel = CancellationToken::new();
+                    let cancel = Arc::new(Cancel::default());
                     let id = Arc::<str>::from(request.node_run_id.as_str());
                     executions.live.insert(
                         id.clone(),
                         Slot::Running {
                             fingerprint,
                             cancel: cancel.clone(),
-                            result: rx.clone(),
+                            attached: None,
                         },
                     );
-                    let this = self.clone();
-                    let principal = Arc::<str>::from(principal);
-                    let task = async move {
-                        // Boxed: the execution's future holds wasmtime's call
-                        // state, and spawning or polling an unboxed one copies it.
-                        let outcome =
-                            Box::pin(this.run(request, &principal, cancel, arrival)).await;
-                        this.finish(id, &outcome);
-                        let _ = tx.send(Some(outcome));
-                    };
-                    tokio::spawn(task);
-                    rx
+                    Next::Run(id, cancel)
                 }
             }
         };
-        match rx.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().expect("wait_for checked Some"),
-            // The execution task panicked: never expected, but answer rather than hang.
-            Err(_) => Err(ExecuteError::Overloaded {
-                retry_after: OVERLOAD_RETRY_AFTER,
-            }),
-        }
+        let (id, cancel) = match next {
+            Next::Run(id, cancel) => (id, cancel),
+            // The lock is released before waiting.
+            Next::Attach(attached) => return attached.wait().await,
+        };
+        let this = self.clone();
+        let principal = Arc::<str>::from(principal);
+        let execution = async move {
+            let mut unfinished = Unfinished {
+                executor: &this,
+                node_run_id: Some(id.clone()),
+            };
+            let outcome = this.run(request, &id, &principal, cancel, arrival).await;
+            if let Some(id) = unfinished.node_run_id.take() {
+                this.finish(id, &outcome);
+            }
+            outcome
+        };
+        // Boxed: the execution's future holds wasmtime's call state, and
+        // moving an unboxed one would copy it.
+        Detached(Some(Box::pin(execution))).await
     }
 
     /// Cancels the execution of `node_run_id` if it is still running.
@@ -219,22 +268,33 @@ impl Executor {
     }
 
     /// Records a finished execution for retries, or forgets one that got no
-    /// result (overloaded) so a retry can run it.
+    /// result (overloaded) so a retry can run it; hands the outcome to the
+    /// retries attached to it.
     fn finish(&self, node_run_id: Arc<str>, outcome: &Shared) {
-        let mut executions = self.lock();
-        match outcome {
-            Ok(result) => {
-                if let Some(slot) = executions.live.get_mut(&node_run_id) {
-                    *slot = Slot::Finished {
-                        fingerprint: slot.fingerprint(),
-                        result: result.clone(),
-                    };
+        let attached = {
+            let mut executions = self.lock();
+            let attached = match executions.live.get_mut(&node_run_id) {
+                Some(Slot::Running { attached, .. }) => attached.take(),
+                _ => None,
+            };
+            match outcome {
+                Ok(result) => {
+                    if let Some(slot) = executions.live.get_mut(&node_run_id) {
+                        *slot = Slot::Finished {
+                            fingerprint: slot.fingerprint(),
+                            result: result.clone(),
+                        };
+                    }
+                    executions.finished.push_back((Instant::now(), node_run_id));
                 }
-                executions.finished.push_back((Instant::now(), node_run_id));
+                Err(_) => {
+                    executions.live.remove(&node_run_id);
+                }
             }
-            Err(_) => {
-                executions.live.remove(&node_run_id);
-            }
+            attached
+        };
+        if let Some(attached) = attached {
+            attached.publish(outcome);
         }
     }
 
@@ -251,9 +311,10 @@ impl Executor {
 
     async fn run(
         &self,
-        request: AtomicExecuteRequest,
+        mut request: AtomicExecuteRequest,
+        id: &Arc<str>,
         principal: &str,
-        cancel: CancellationToken,
+        cancel: Arc<Cancel>,
         arrival: Instant,
     ) -> Shared {
         let started_at = now_rfc3339();
@@ -301,7 +362,8 @@ impl Executor {
             deadline = deadline.min(arrival + node_limit);
         }
 
-        let inputs = Value::Object(request.inputs.clone());
+        // The result does not repeat the inputs, so they move out of the request.
+        let inputs = Value::Object(std::mem::take(&mut request.inputs));
         if !entry.input_schema.is_valid(&inputs) {
             let error = ErrorDetail::new(
                 "invalid_inputs",
@@ -329,7 +391,14 @@ impl Executor {
         };
 
         let outcome = self
-            .invoke(&entry, &request, &inputs, deadline, &cancel)
+            .invoke(
+                &entry,
+                &mut request,
+                id,
+                inputs.to_string(),
+                deadline,
+                cancel,
+            )
             .await;
         let outcome = outcome.and_then(|text| check_outputs(&entry, &text));
         Ok(self.complete(
@@ -344,7 +413,7 @@ impl Executor {
     async fn admit(
         &self,
         deadline: Instant,
-        cancel: &CancellationToken,
+        cancel: &Cancel,
     ) -> Result<OwnedSemaphorePermit, Admission> {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(permit);
@@ -363,52 +432,73 @@ impl Executor {
     }
 
     /// Runs the guest in a fresh store; returns its outputs as JSON text.
+    /// The ids in `request` are lent to the guest's invocation and put back.
     async fn invoke(
         &self,
         entry: &NodeEntry,
-        request: &AtomicExecuteRequest,
-        inputs: &Value,
+        request: &mut AtomicExecuteRequest,
+        id: &Arc<str>,
+        inputs: String,
         deadline: Instant,
-        cancel: &CancellationToken,
+        cancel: Arc<Cancel>,
     ) -> Result<String, Failure> {
-        let limits = self.registry.limits();
         let state = StoreState::new(
-            limits,
-            Arc::from(request.node_run_id.as_str()),
+            self.registry.limits(),
+            id.clone(),
             entry.node_type_id.clone(),
         );
-        let store = new_store(
+        let mut store = new_store(
             self.registry.engine(),
             state,
             deadline.into_std(),
             Some(cancel.clone()),
         );
-        let mut store = store;
 
         let trace = request.run_context.as_ref().and_then(|c| c.trace.as_ref());
-        let invocation = Invocation {
+        let mut invocation = Invocation {
             node_type_id: entry.node_type_id.to_string(),
             version: entry.version.clone(),
-            inputs: inputs.to_string(),
-            run_id: request.run_id.clone(),
-            node_run_id: request.node_run_id.clone(),
+            inputs,
+            run_id: std::mem::take(&mut request.run_id),
+            node_run_id: std::mem::take(&mut request.node_run_id),
             trace_id: trace.and_then(|t| t.trace_id.clone()),
             span_id: trace.and_then(|t| t.span_id.clone()),
             deadline_unix_ms: unix_ms_at(deadline),
         };
         self.invocations.fetch_add(1, Ordering::Relaxed);
-        let call = async {
-            let instance = entry.pack.pre.instantiate_async(&mut store).await?;
-            instance.call_invoke(&mut store, &invocation).await
+        // The call and its borrows end before the ids go back.
+        let result = {
+            let call = async {
+                let pack = &entry.pack;
+                let instance = pack
+                    .pre
+                    .instance_pre()
+                    .instantiate_async(&mut store)
+                    .await?;
+                let invoke = pack.invoke.func(&mut store, &instance).ok_or_else(|| {
+                    wasmtime::format_err!("the instance lacks its pack's `invoke`")
+                })?;
+                let (result,) = invoke.call_async(&mut store, (&invocation,)).await?;
+                Ok::<_, wasmtime::Error>(result)
+            };
+            let mut call = std::pin::pin!(call);
+            // Most calls finish in their first poll; only one that does not needs
+            // the timer and the cancellation waiter.
+            let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+            match first {
+                Poll::Ready(r) => Ok(r),
+                // The epoch callback stops spinning guests; this stops guests
+                // parked in a host call (a sleep) that the callback never sees.
+                Poll::Pending => tokio::select! {
+                    biased;
+                    r = &mut call => Ok(r),
+                    _ = cancel.cancelled() => Err(Interrupted::Canceled),
+                    _ = tokio::time::sleep_until(deadline) => Err(Interrupted::Timeout),
+                },
+            }
         };
-        // The epoch callback stops spinning guests; this stops guests parked
-        // in a host call (a sleep) that the callback never sees.
-        let result = tokio::select! {
-            biased;
-            r = call => Ok(r),
-            _ = cancel.cancelled() => Err(Interrupted::Canceled),
-            _ = tokio::time::sleep_until(deadline) => Err(Interrupted::Timeout),
-        };
+        request.run_id = std::mem::take(&mut invocation.run_id);
+        request.node_run_id = std::mem::take(&mut invocation.node_run_id);
         let dropped = store.data().logs_dropped();
         if dropped > 0 {
             tracing::warn!(
@@ -470,6 +560,64 @@ impl Executor {
         };
         let json = Bytes::from(serde_json::to_vec(&result).expect("results serialize"));
         Arc::new(Completed { state, json })
+    }
+}
+
+/// An execution polled by its caller. Dropped before it is done (the caller
+/// went away), it carries on in a task of its own, so a NodeRun that started
+/// always reaches its end and its retries get that outcome.
+struct Detached<F: Future<Output = Shared> + Send + 'static>(Option<Pin<Box<F>>>);
+
+impl<F: Future<Output = Shared> + Send + 'static> Future for Detached<F> {
+    type Output = Shared;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Shared> {
+        let Some(execution) = self.0.as_mut() else {
+            return Poll::Ready(Err(ExecuteError::Internal));
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| execution.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(outcome)) => {
+                self.0 = None;
+                Poll::Ready(outcome)
+            }
+            Err(_) => {
+                // Dropping the execution runs its `Unfinished` guard.
+                self.0 = None;
+                tracing::error!("an execution panicked; answered internal_error");
+                Poll::Ready(Err(ExecuteError::Internal))
+            }
+        }
+    }
+}
+
+impl<F: Future<Output = Shared> + Send + 'static> Drop for Detached<F> {
+    fn drop(&mut self) {
+        let Some(execution) = self.0.take() else {
+            return;
+        };
+        // Outside a runtime (it is shutting down) the execution is dropped,
+        // and its guard forgets the NodeRun.
+        if !std::thread::panicking()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(execution);
+        }
+    }
+}
+
+/// Forgets a NodeRun whose execution was dropped before it finished, and
+/// answers the retries attached to it, so none of them waits forever.
+struct Unfinished<'a> {
+    executor: &'a Executor,
+    node_run_id: Option<Arc<str>>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.node_run_id.take() {
+            self.executor.finish(id, &Err(ExecuteError::Internal));
+        }
     }
 }
 
@@ -616,20 +764,40 @@ fn unix_ms_at(deadline: Instant) -> u64 {
 }
 
 /// Identifies a request's content, so a retry can be told from a conflict.
-fn fingerprint(request: &AtomicExecuteRequest) -> u64 {
-    /// Feeds serialized bytes straight into the hasher, with no buffer between.
-    struct HashWriter(std::collections::hash_map::DefaultHasher);
-    impl std::io::Write for HashWriter {
+fn fingerprint(seed: &impl BuildHasher, request: &AtomicExecuteRequest) -> u64 {
+    /// Feeds serialized bytes to the hasher in chunks of up to `N` bytes:
+    /// serde_json writes token by token, and a hasher is fastest on long runs.
+    struct Chunked<H, const N: usize> {
+        hasher: H,
+        buffer: [u8; N],
+        len: usize,
+    }
+    impl<H: Hasher, const N: usize> std::io::Write for Chunked<H, N> {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.write(bytes);
+            if self.len + bytes.len() > N {
+                self.flush()?;
+                if bytes.len() >= N {
+                    self.hasher.write(bytes);
+                    return Ok(bytes.len());
+                }
+            }
+            self.buffer[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
             Ok(bytes.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
+            self.hasher.write(&self.buffer[..self.len]);
+            self.len = 0;
             Ok(())
         }
     }
-    let mut writer = HashWriter(Default::default());
+    let mut writer = Chunked::<_, 256> {
+        hasher: seed.build_hasher(),
+        buffer: [0; 256],
+        len: 0,
+    };
     // Serialization is canonical: struct fields in order, maps sorted.
     serde_json::to_writer(&mut writer, request).expect("requests serialize");
-    writer.0.finish()
+    let _ = std::io::Write::flush(&mut writer);
+    writer.hasher.finish()
 }

@@ -18,7 +18,7 @@ use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
 use crate::runtime::{RuntimeLimits, StoreState, new_store};
-use crate::world::{NodePackPre, NodeSpec, SideEffect};
+use crate::world::{InvokeExport, NodePack, NodePackPre, NodeSpec, SideEffect};
 
 /// Longest a pack's `describe` may run at load time.
 const DESCRIBE_TIME_LIMIT: Duration = Duration::from_secs(10);
@@ -54,6 +54,8 @@ pub struct LoadedPack {
     pub pack_id: String,
     pub pack_version: String,
     pub pre: NodePackPre<StoreState>,
+    /// The `invoke` export, its type checked when the pack loaded.
+    pub invoke: InvokeExport,
 }
 
 impl std::fmt::Debug for LoadedPack {
@@ -232,12 +234,13 @@ impl PackRegistry {
             .instantiate_pre(component)
             .map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
         let pre = NodePackPre::new(pre).map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
-        let info = self.describe(&pre).await?;
+        let (info, invoke) = self.describe(&pre).await?;
         let pack = Arc::new(LoadedPack {
             source: source.to_owned(),
             pack_id: info.pack_id.clone(),
             pack_version: info.pack_version.clone(),
             pre,
+            invoke,
         });
         if info.pack_id.trim().is_empty() {
             return Err(PackLoadError::Describe("empty pack-id".into()));
@@ -253,7 +256,7 @@ impl PackRegistry {
     async fn describe(
         &self,
         pre: &NodePackPre<StoreState>,
-    ) -> Result<crate::world::PackInfo, PackLoadError> {
+    ) -> Result<(crate::world::PackInfo, InvokeExport), PackLoadError> {
         let state = StoreState::new(
             &self.limits,
             Arc::from("<describe>"),
@@ -262,11 +265,14 @@ impl PackRegistry {
         let deadline = std::time::Instant::now() + DESCRIBE_TIME_LIMIT;
         let mut store = new_store(&self.engine, state, deadline, None);
         let call = async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance.call_describe(&mut store).await
+            let instance = pre.instance_pre().instantiate_async(&mut store).await?;
+            let invoke = InvokeExport::check(&mut store, &instance)?;
+            let bindings = NodePack::new(&mut store, &instance)?;
+            let info = bindings.call_describe(&mut store).await?;
+            Ok::<_, wasmtime::Error>((info, invoke))
         };
         match tokio::time::timeout(DESCRIBE_TIME_LIMIT, call).await {
-            Ok(Ok(info)) => Ok(info),
+            Ok(Ok(described)) => Ok(described),
             Ok(Err(e)) => Err(PackLoadError::Describe(format!("{e:#}"))),
             Err(_) => Err(PackLoadError::Describe(format!(
                 "did not return within {DESCRIBE_TIME_LIMIT:?}"

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
@@ -194,6 +194,39 @@ pub enum Interrupted {
     Canceled,
 }
 
+/// Cancels one execution: set by whoever cancels it, read by the epoch
+/// callback of its store and awaited next to its guest call.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    cancelled: AtomicBool,
+    notify: Notify,
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Completes once [`Cancel::cancel`] has been called.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a cancel in between is not missed.
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// The error a guest call fails with when it was interrupted.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -206,12 +239,12 @@ pub fn new_store(
     engine: &Engine,
     state: StoreState,
     deadline: std::time::Instant,
-    cancel: Option<CancellationToken>,
+    cancel: Option<Arc<Cancel>>,
 ) -> Store<StoreState> {
     let mut store = Store::new(engine, state);
     store.limiter(|s| s);
     store.epoch_deadline_callback(move |_| {
-        if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
+        if cancel.as_deref().is_some_and(Cancel::is_cancelled) {
             Err(wasmtime::Error::new(InterruptedError(
                 Interrupted::Canceled,
             )))

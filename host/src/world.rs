@@ -11,3 +11,40 @@ wasmtime::component::bindgen!({
 });
 
 pub use jarvis::node::{clock, log, random, timer};
+
+use wasmtime::AsContextMut;
+use wasmtime::component::{ComponentExportIndex, Instance, TypedFunc};
+
+/// A pack's `invoke` export as a typed function.
+pub type InvokeFunc<'a> = TypedFunc<(&'a Invocation,), (Result<String, NodeError>,)>;
+
+/// Where a component's `invoke` export is, its type checked once at load, so
+/// that each fresh instance skips the type check (bindgen's loader repeats it
+/// for every export on every instantiation).
+#[derive(Debug, Clone, Copy)]
+pub struct InvokeExport(ComponentExportIndex);
+
+impl InvokeExport {
+    /// Finds `invoke` in `instance` and checks it has [`InvokeFunc`]'s type.
+    pub fn check(mut store: impl AsContextMut, instance: &Instance) -> wasmtime::Result<Self> {
+        let index = instance
+            .get_export_index(&mut store, None, "invoke")
+            .ok_or_else(|| wasmtime::format_err!("the component exports no `invoke`"))?;
+        instance
+            .get_typed_func::<(&Invocation,), (Result<String, NodeError>,)>(&mut store, index)?;
+        Ok(Self(index))
+    }
+
+    /// The `invoke` function of `instance`; `None` if `instance` is not an
+    /// instance of the component [`InvokeExport::check`] saw.
+    #[allow(unsafe_code)]
+    pub fn func<'a>(self, store: impl AsContextMut, instance: &Instance) -> Option<InvokeFunc<'a>> {
+        let func = instance.get_func(store, self.0)?;
+        // SAFETY: `get_func` resolves this index only in an instance of the
+        // component it came from (wasmtime compares the component's id), and
+        // `check` type-checked that component's export against exactly
+        // `InvokeFunc`'s parameters and results. Every instance of a component
+        // has the same export types.
+        Some(unsafe { InvokeFunc::new_unchecked(func) })
+    }
+}

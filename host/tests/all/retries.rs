@@ -100,3 +100,32 @@ async fn recorded_results_expire_after_the_retention_window() {
     t.result(&body).await;
     assert_eq!(t.invocations(), 2, "an expired record must not be replayed");
 }
+
+#[tokio::test]
+async fn an_abandoned_execute_call_finishes_in_a_task_of_its_own() {
+    let t = start(config(), &[("slow.wasm", slow())]).await;
+    let executor = t.server.service.executor.clone();
+    let body = request("nr-abandoned", "test.slow", "1.0.0", json!({"n": 4}));
+    let parse = |body: &serde_json::Value| serde_json::from_value(body.clone()).unwrap();
+    // The caller stops waiting while the guest sleeps: its future is dropped.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        executor.execute(parse(&body), "test"),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the slow node finished within 50 ms");
+    assert_eq!(
+        executor.running(),
+        1,
+        "the execution stopped with its caller"
+    );
+    let retry = executor
+        .execute(parse(&body), "test")
+        .await
+        .expect("executed");
+    let result: serde_json::Value = serde_json::from_slice(&retry.json).unwrap();
+    assert_outcome(&result, "succeeded", None);
+    assert_eq!(result["outputs"], json!({"n": 4}));
+    assert_eq!(t.invocations(), 1, "the retry must attach, not run again");
+    assert_eq!(executor.running(), 0);
+}
