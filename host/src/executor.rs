@@ -1,20 +1,23 @@
 //! Executes atomic NodeRuns: admission, one fresh sandbox per execution, time
 //! and memory limits, cancellation, and safe retries of the same NodeRun.
 //!
-//! An execution runs inside the caller's own task, so a short call completes in
-//! one poll of the request; if the caller goes away first (the client
-//! disconnected), the execution moves to a task of its own and runs to its end.
-//! A retry with the same `node_run_id` and request attaches to it (or, shortly
-//! after it ends, gets the recorded result) instead of running the node twice.
+//! Every execution runs in a task of its own, so a caller that disconnects
+//! does not stop it; a retry with the same `node_run_id` and request attaches
+//! to it (or, shortly after it ends, gets the recorded result) instead of
+//! running the node twice.
+//!
+//! (Running a short execution inside the caller's task instead saves the
+//! spawn, but then every response leaves the moment it is ready: at 64
+//! connections the client is woken once per response rather than once per
+//! batch, and the kernel's share per request doubled. See the README's
+//! benchmark notes.)
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arp_types::time::now_rfc3339;
@@ -246,8 +249,16 @@ impl Executor {
             outcome
         };
         // Boxed: the execution's future holds wasmtime's call state, and
-        // moving an unboxed one would copy it.
-        Detached(Some(Box::pin(execution))).await
+        // spawning an unboxed one would copy it.
+        match tokio::spawn(Box::pin(execution)).await {
+            Ok(outcome) => outcome,
+            // The execution panicked (its guard has forgotten the NodeRun):
+            // never expected, but answer rather than hang.
+            Err(e) => {
+                tracing::error!(error = %e, "an execution failed inside the executor");
+                Err(ExecuteError::Internal)
+            }
+        }
     }
 
     /// Cancels the execution of `node_run_id` if it is still running.
@@ -560,49 +571,6 @@ impl Executor {
         };
         let json = Bytes::from(serde_json::to_vec(&result).expect("results serialize"));
         Arc::new(Completed { state, json })
-    }
-}
-
-/// An execution polled by its caller. Dropped before it is done (the caller
-/// went away), it carries on in a task of its own, so a NodeRun that started
-/// always reaches its end and its retries get that outcome.
-struct Detached<F: Future<Output = Shared> + Send + 'static>(Option<Pin<Box<F>>>);
-
-impl<F: Future<Output = Shared> + Send + 'static> Future for Detached<F> {
-    type Output = Shared;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Shared> {
-        let Some(execution) = self.0.as_mut() else {
-            return Poll::Ready(Err(ExecuteError::Internal));
-        };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| execution.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(outcome)) => {
-                self.0 = None;
-                Poll::Ready(outcome)
-            }
-            Err(_) => {
-                // Dropping the execution runs its `Unfinished` guard.
-                self.0 = None;
-                tracing::error!("an execution panicked; answered internal_error");
-                Poll::Ready(Err(ExecuteError::Internal))
-            }
-        }
-    }
-}
-
-impl<F: Future<Output = Shared> + Send + 'static> Drop for Detached<F> {
-    fn drop(&mut self) {
-        let Some(execution) = self.0.take() else {
-            return;
-        };
-        // Outside a runtime (it is shutting down) the execution is dropped,
-        // and its guard forgets the NodeRun.
-        if !std::thread::panicking()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(execution);
-        }
     }
 }
 
