@@ -7,10 +7,9 @@
 //! running the node twice.
 //!
 //! (Running a short execution inside the caller's task instead saves the
-//! spawn, but then every response leaves the moment it is ready: at 64
-//! connections the client is woken once per response rather than once per
-//! batch, and the kernel's share per request doubled. See the README's
-//! benchmark notes.)
+//! spawn, but then every response leaves the moment it is ready rather than
+//! with others; at 64 connections that doubled the kernel's cycles per
+//! request and lost a third of the throughput. See the README's benchmarks.)
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
