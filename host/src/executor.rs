@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::registry::{Lookup, NodeEntry, PackRegistry};
 use crate::runtime::{
-    Cancel, Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store,
+    Cancel, Interrupted, InterruptedError, MemoryLimitExceeded, StoreState, new_store, wait_for,
 };
 use crate::world::Invocation;
 
@@ -111,16 +111,7 @@ struct Attached {
 
 impl Attached {
     async fn wait(&self) -> Shared {
-        loop {
-            let published = self.published.notified();
-            tokio::pin!(published);
-            // Registered before the check, so a publish in between is not missed.
-            published.as_mut().enable();
-            if let Some(outcome) = self.outcome.get() {
-                return outcome.clone();
-            }
-            published.await;
-        }
+        wait_for(&self.published, || self.outcome.get().cloned()).await
     }
 
     fn publish(&self, outcome: &Shared) {
@@ -283,25 +274,27 @@ impl Executor {
     fn finish(&self, node_run_id: Arc<str>, outcome: &Shared) {
         let attached = {
             let mut executions = self.lock();
-            let attached = match executions.live.get_mut(&node_run_id) {
-                Some(Slot::Running { attached, .. }) => attached.take(),
-                _ => None,
-            };
             match outcome {
                 Ok(result) => {
-                    if let Some(slot) = executions.live.get_mut(&node_run_id) {
+                    let attached = executions.live.get_mut(&node_run_id).and_then(|slot| {
+                        let attached = match slot {
+                            Slot::Running { attached, .. } => attached.take(),
+                            Slot::Finished { .. } => None,
+                        };
                         *slot = Slot::Finished {
                             fingerprint: slot.fingerprint(),
                             result: result.clone(),
                         };
-                    }
+                        attached
+                    });
                     executions.finished.push_back((Instant::now(), node_run_id));
+                    attached
                 }
-                Err(_) => {
-                    executions.live.remove(&node_run_id);
-                }
+                Err(_) => match executions.live.remove(&node_run_id) {
+                    Some(Slot::Running { attached, .. }) => attached,
+                    _ => None,
+                },
             }
-            attached
         };
         if let Some(attached) = attached {
             attached.publish(outcome);

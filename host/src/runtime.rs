@@ -214,16 +214,22 @@ impl Cancel {
 
     /// Completes once [`Cancel::cancel`] has been called.
     pub async fn cancelled(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a cancel in between is not missed.
-            notified.as_mut().enable();
-            if self.is_cancelled() {
-                return;
-            }
-            notified.await;
+        wait_for(&self.notify, || self.is_cancelled().then_some(())).await
+    }
+}
+
+/// Waits on `notify` until `check` gives a value. The waiter is registered
+/// before each check, so a `notify_waiters` between the check and the wait is
+/// not missed.
+pub async fn wait_for<T>(notify: &Notify, mut check: impl FnMut() -> Option<T>) -> T {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(value) = check() {
+            return value;
         }
+        notified.await;
     }
 }
 
