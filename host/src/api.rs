@@ -173,7 +173,7 @@ async fn execute(
     // The execution's log line names who asked for it.
     let sub = principal.as_ref().map_or("anonymous", Principal::sub);
     let completed = executor.execute(request, sub).await?;
-    Ok(json_response(StatusCode::OK, completed.json.clone()))
+    Ok(json_response(StatusCode::OK, completed.body()))
 }
 
 /// `POST /v1/atomic-node-runs/{node_run_id}:cancel`. The id and the action

@@ -56,12 +56,20 @@ pub struct ExecutorConfig {
 }
 
 /// A finished execution: its terminal state and its result as JSON,
-/// serialized once. Retained results keep only this, so retention holds one
-/// buffer per NodeRun rather than the result's tree of allocations.
-#[derive(Debug)]
+/// serialized once. Clones share the JSON, and a retained result is just this:
+/// one allocation per NodeRun, so pruning frees one block rather than a tree
+/// (each a cache miss by the time it is pruned).
+#[derive(Debug, Clone)]
 pub struct Completed {
     pub state: NodeRunState,
-    pub json: Bytes,
+    pub json: Arc<[u8]>,
+}
+
+impl Completed {
+    /// The JSON as a response body, sharing the buffer rather than copying it.
+    pub fn body(&self) -> Bytes {
+        Bytes::from_owner(self.json.clone())
+    }
 }
 
 /// Why an execute call got no result.
@@ -76,7 +84,7 @@ pub enum ExecuteError {
     Internal,
 }
 
-type Shared = Result<Arc<Completed>, ExecuteError>;
+type Shared = Result<Completed, ExecuteError>;
 
 /// A NodeRun the executor knows of.
 enum Slot {
@@ -87,11 +95,8 @@ enum Slot {
         attached: Option<Arc<Attached>>,
     },
     /// Finished: a retry gets the result until it is pruned. Only what a
-    /// retry needs is kept, so pruning frees two allocations, not a channel.
-    Finished {
-        fingerprint: u64,
-        result: Arc<Completed>,
-    },
+    /// retry needs is kept, so pruning frees two blocks: the id and the JSON.
+    Finished { fingerprint: u64, result: Completed },
 }
 
 impl Slot {
@@ -398,7 +403,8 @@ impl Executor {
                 &entry,
                 &mut request,
                 id,
-                inputs.to_string(),
+                // serde_json's writer, not `Display`, which goes through `fmt`.
+                serde_json::to_string(&inputs).expect("a JSON value serializes"),
                 deadline,
                 cancel,
             )
@@ -524,7 +530,7 @@ impl Executor {
         principal: &str,
         started_at: String,
         outcome: Result<JsonObject, (NodeRunState, ErrorDetail)>,
-    ) -> Arc<Completed> {
+    ) -> Completed {
         let (state, outputs, error) = match outcome {
             Ok(outputs) => (NodeRunState::Succeeded, Some(outputs), None),
             Err((state, e)) => (state, None, Some(e)),
@@ -561,8 +567,11 @@ impl Executor {
             error,
             extensions: None,
         };
-        let json = Bytes::from(serde_json::to_vec(&result).expect("results serialize"));
-        Arc::new(Completed { state, json })
+        let json = serde_json::to_vec(&result).expect("results serialize");
+        Completed {
+            state,
+            json: json.into(),
+        }
     }
 }
 
