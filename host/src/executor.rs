@@ -465,7 +465,7 @@ impl Executor {
 
         let trace = request.run_context.as_ref().and_then(|c| c.trace.as_ref());
         let mut invocation = Invocation {
-            node_type_id: entry.node_type_id.to_string(),
+            node_type_id: String::from(&*entry.node_type_id),
             version: entry.version.clone(),
             inputs,
             run_id: std::mem::take(&mut request.run_id),

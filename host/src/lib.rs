@@ -68,9 +68,28 @@ impl Service {
     }
 
     /// The HTTP API behind the authentication layer.
-    pub fn router(&self) -> axum::Router {
-        api::router(self.executor.clone()).layer(self.auth.layer())
+    ///
+    /// The layer wraps the whole router rather than each route
+    /// (`Router::layer`): the same requests pass through it, fallbacks
+    /// included, without a second boxed service to clone on every request.
+    pub fn app(&self) -> App {
+        tower::Layer::layer(&self.auth.layer(), api::router(self.executor.clone()))
     }
+}
+
+/// The service's HTTP application: the API router behind authentication.
+pub type App = jarvis_auth::AuthService<axum::Router>;
+
+/// Serves `app` on `listener` until `shutdown` completes (then drains).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::ServiceExt as _;
+    axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Turns WAT text into wasm bytes.
@@ -92,9 +111,9 @@ impl RunningServer {
         let service = Service::start(config).await?;
         let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
         let addr = listener.local_addr()?;
-        let app = service.router();
+        let app = service.app();
         let handle = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = serve(listener, app, std::future::pending()).await;
         });
         Ok(Self {
             addr,

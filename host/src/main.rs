@@ -77,11 +77,10 @@ async fn serve(config: jarvis_atomic_executor::config::Config) -> anyhow::Result
         }
         std::process::exit(1);
     });
-    axum::serve(listener, service.router())
-        .with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        })
-        .await?;
+    jarvis_atomic_executor::serve(listener, service.app(), async {
+        let _ = stop_rx.await;
+    })
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
