@@ -110,8 +110,9 @@ mod tests {
 
     #[test]
     fn agrees_with_humantime_across_the_range() {
-        // A fixed walk with an odd stride: every day of the month, every
-        // month, nanoseconds that round down, years up to 9999.
+        // A fixed walk up to the year 9999 with a stride of about 90 days
+        // and an odd number of nanoseconds, so it lands on varied days,
+        // months and sub-microsecond remainders (which must round down).
         let mut nanos: u128 = 0;
         let end = u128::from(MAX_SECS) * 1_000_000_000;
         while nanos < end {
