@@ -56,9 +56,9 @@ pub struct ExecutorConfig {
 }
 
 /// A finished execution: its terminal state and its result as JSON,
-/// serialized once. Clones share the JSON, and a retained result is just this:
-/// one allocation per NodeRun, so pruning frees one block rather than a tree
-/// (each a cache miss by the time it is pruned).
+/// serialized once. Clones share the JSON, which is a single allocation, so a
+/// retained result costs pruning one block rather than a tree of them (each a
+/// cache miss by the time it is pruned).
 #[derive(Debug, Clone)]
 pub struct Completed {
     pub state: NodeRunState,
