@@ -43,6 +43,10 @@ pub fn build_engine(
     let mut config = wasmtime::Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
+    // Memories with 1-byte pages may be smaller than a host page, and a
+    // memory within one host page is reset by a memset alone (see
+    // `WatPack::with_byte_pages`, which the built-in echo uses).
+    config.wasm_custom_page_sizes(true);
     // Fibers for async calls: guest stacks are bounded by max_wasm_stack.
     config.max_wasm_stack(1 << 20);
     config.async_stack_size(2 << 20);

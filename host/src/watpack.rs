@@ -26,6 +26,9 @@ pub mod call {
 /// Where static data starts; below it, the result area of `invoke`.
 const DATA_BASE: u32 = 1024;
 const RESULT_AREA: u32 = 64;
+/// Heap a [`WatPack::with_byte_pages`] memory starts with, before rounding.
+const SMALL_HEAP: u32 = 1024;
+const HOST_PAGE: u32 = 4096;
 
 /// One node of a [`WatPack`].
 #[derive(Debug, Clone)]
@@ -67,6 +70,7 @@ pub struct WatPack {
     nodes: Vec<WatNode>,
     image: Vec<u8>,
     sleep_import: bool,
+    byte_pages: bool,
 }
 
 impl WatPack {
@@ -77,7 +81,20 @@ impl WatPack {
             nodes: Vec::new(),
             image: Vec::new(),
             sleep_import: false,
+            byte_pages: false,
         }
+    }
+
+    /// Declares the linear memory with 1-byte pages (the custom-page-sizes
+    /// proposal), sized to the static data plus a small heap, rounded up to
+    /// one host page; `cabi_realloc` grows it a host page at a time. An
+    /// execution that stays within one host page costs the pooling allocator
+    /// a memset of that page to reset, where a 64 KiB memory costs a scan of
+    /// the slot's page tables (Linux `PAGEMAP_SCAN`) or a 64 KiB memset.
+    /// Invoke bodies must then size memory in bytes, not 64 KiB pages.
+    pub fn with_byte_pages(mut self) -> Self {
+        self.byte_pages = true;
+        self
     }
 
     /// Imports `jarvis:node/timer.sleep`, callable in `invoke` as
@@ -148,6 +165,14 @@ impl WatPack {
         let mut pack = self.clone();
         let describe_addr = pack.layout_describe();
         let heap_start = (DATA_BASE + pack.image.len() as u32).next_multiple_of(8);
+        // `memory.size` and `memory.grow` count pages; the heap grows in steps
+        // of `step` bytes (a multiple of the page size).
+        let (memory, page_shift, step) = if self.byte_pages {
+            let min = (heap_start + SMALL_HEAP).next_multiple_of(HOST_PAGE);
+            (format!("{min} (pagesize 1)"), 0, HOST_PAGE)
+        } else {
+            ("1".to_owned(), 16, 1 << 16)
+        };
         let mut escaped = String::with_capacity(pack.image.len() * 3);
         for b in &pack.image {
             let _ = write!(escaped, "\\{b:02x}");
@@ -169,7 +194,7 @@ impl WatPack {
   {component_imports}
   (core module $m
     {module_import}
-    (memory (export "memory") 1)
+    (memory (export "memory") {memory})
     (data (i32.const {DATA_BASE}) "{escaped}")
     (global $heap (mut i32) (i32.const {heap_start}))
     (func $realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
@@ -178,10 +203,12 @@ impl WatPack {
                                (i32.sub (i32.const 0) (local.get $align))))
       (local.set $end (i32.add (local.get $ptr) (local.get $size)))
       (if (i32.lt_u (local.get $end) (local.get $ptr)) (then unreachable))
-      (local.set $have (i32.shl (memory.size) (i32.const 16)))
+      (local.set $have (i32.shl (memory.size) (i32.const {page_shift})))
       (if (i32.gt_u (local.get $end) (local.get $have))
         (then
-          (if (i32.eq (memory.grow (i32.shr_u (i32.add (i32.sub (local.get $end) (local.get $have)) (i32.const 65535)) (i32.const 16)))
+          (if (i32.eq (memory.grow (i32.shr_u (i32.and (i32.add (i32.sub (local.get $end) (local.get $have)) (i32.const {step_mask}))
+                                                       (i32.const {step_round}))
+                                              (i32.const {page_shift})))
                       (i32.const -1))
             (then unreachable))))
       (global.set $heap (local.get $end))
@@ -236,6 +263,8 @@ impl WatPack {
             r12 = RESULT_AREA + 12,
             r16 = RESULT_AREA + 16,
             r20 = RESULT_AREA + 20,
+            step_mask = step - 1,
+            step_round = !(step - 1) as i32,
             inputs_ptr = call::INPUTS_PTR,
             inputs_len = call::INPUTS_LEN,
         )
@@ -269,6 +298,7 @@ pub fn builtin_echo_wat() -> String {
     };
     WatPack::new("jarvis.builtin", BUILTIN_VERSION)
         .node(node)
+        .with_byte_pages()
         .to_wat("(call $ok_inputs (local.get $call))")
 }
 

@@ -25,6 +25,26 @@ async fn echo_succeeds_through_the_builtin_component() {
     );
 }
 
+/// The built-in echo's memory starts within one host page and grows as the
+/// inputs need: small and large inputs, in turn, reuse the same sandbox slots.
+#[tokio::test]
+async fn echo_returns_small_and_large_inputs_whole() {
+    let t = start(config(), &[]).await;
+    for (i, len) in [3, 5_000, 300_000, 3, 70_000].into_iter().enumerate() {
+        let echo: String = "é漢x".chars().cycle().take(len).collect();
+        let result = t
+            .result(&request(
+                &format!("nr-echo-{i}"),
+                "jarvis.core.echo",
+                "0.3.8",
+                json!({ "echo": echo }),
+            ))
+            .await;
+        assert_outcome(&result, "succeeded", None);
+        assert_eq!(result["outputs"]["echo"], echo, "echo of {len} chars");
+    }
+}
+
 #[tokio::test]
 async fn health_version_and_node_types() {
     let t = start(config(), &[]).await;
