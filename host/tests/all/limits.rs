@@ -156,11 +156,25 @@ async fn sleeping_guest_is_stopped_at_its_deadline() {
 #[tokio::test]
 async fn memory_bomb_hits_the_limit_and_the_service_survives() {
     let bomb = "(loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) (unreachable)";
-    let t = start(config(), &[("bomb.wasm", pack("bomb", bomb))]).await;
-    let result = t
-        .result(&request("nr-1", "test.bomb", "1.0.0", json!({})))
-        .await;
-    assert_outcome(&result, "failed", Some("memory_limit_exceeded"));
+    // The same with 1-byte pages (custom-page-sizes), growing 1 MiB at a time.
+    let byte_bomb = "(loop $grow (br_if $grow (i32.ne (memory.grow (i32.const 1048576)) (i32.const -1)))) (unreachable)";
+    let byte_pages = pack_with(
+        WatPack::new("test.bytebomb", "1.0.0").with_byte_pages(),
+        WatNode::new("test.bytebomb", "1.0.0"),
+        byte_bomb,
+    );
+    let t = start(
+        config(),
+        &[
+            ("bomb.wasm", pack("bomb", bomb)),
+            ("bytebomb.wasm", byte_pages),
+        ],
+    )
+    .await;
+    for (id, node) in [("nr-1", "test.bomb"), ("nr-1b", "test.bytebomb")] {
+        let result = t.result(&request(id, node, "1.0.0", json!({}))).await;
+        assert_outcome(&result, "failed", Some("memory_limit_exceeded"));
+    }
     let echo = t
         .result(&request(
             "nr-2",
