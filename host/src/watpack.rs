@@ -28,6 +28,7 @@ const DATA_BASE: u32 = 1024;
 const RESULT_AREA: u32 = 64;
 /// Heap a [`WatPack::with_byte_pages`] memory starts with, before rounding.
 const SMALL_HEAP: u32 = 1024;
+/// Granule of a byte-page memory's size: the smallest host page in use.
 const HOST_PAGE: u32 = 4096;
 
 /// One node of a [`WatPack`].
@@ -87,10 +88,11 @@ impl WatPack {
 
     /// Declares the linear memory with 1-byte pages (the custom-page-sizes
     /// proposal), sized to the static data plus a small heap, rounded up to
-    /// one host page; `cabi_realloc` grows it a host page at a time. An
-    /// execution that stays within one host page costs the pooling allocator
-    /// a memset of that page to reset, where a 64 KiB memory costs a scan of
-    /// the slot's page tables (Linux `PAGEMAP_SCAN`) or a 64 KiB memset.
+    /// 4 KiB (one host page on x86-64); `cabi_realloc` grows it 4 KiB at a
+    /// time. An execution that stays within one host page costs the pooling
+    /// allocator a memset of that page to reset, where a 64 KiB memory costs
+    /// a scan of the slot's page tables (Linux `PAGEMAP_SCAN`) or a 64 KiB
+    /// memset.
     /// Invoke bodies must then size memory in bytes, not 64 KiB pages.
     pub fn with_byte_pages(mut self) -> Self {
         self.byte_pages = true;
