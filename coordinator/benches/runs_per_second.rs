@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use jarvis_atomic_executor::RunningServer;
 use jarvis_run_coordinator::Server;
-use jarvis_run_coordinator::config::{Config, LocalPolicy};
+use jarvis_run_coordinator::config::{Config, Durability, LocalPolicy, Timing};
 use serde_json::{Value, json};
 
 // As the binaries: the allocator is part of the per-run cost.
@@ -34,6 +34,13 @@ async fn main() -> anyhow::Result<()> {
     let executor =
         RunningServer::spawn(&jarvis_atomic_executor::config::Config::for_tests()).await?;
     let dir = tempfile::tempdir()?;
+    // As the binary: `flush` unless JARVIS_RUN_COORDINATOR_DURABILITY says `fast`.
+    let durability: Durability = std::env::var("JARVIS_RUN_COORDINATOR_DURABILITY")
+        .ok()
+        .map(|v| v.parse().map_err(anyhow::Error::msg))
+        .transpose()?
+        .unwrap_or_default();
+    eprintln!("durability: {durability:?}");
     let config = Config {
         listen: "127.0.0.1:0".into(),
         db_path: dir.path().join("bench.sqlite3"),
@@ -46,6 +53,10 @@ async fn main() -> anyhow::Result<()> {
         auto_dispatch: true,
         node_run_timeout: Duration::from_secs(60),
         dispatch_concurrency: 1024,
+        lease: Duration::from_secs(15),
+        retention: None,
+        durability,
+        timing: Timing::default(),
         auth: Config::insecure_auth().0,
         outbound: Config::insecure_auth().1,
     };

@@ -55,6 +55,77 @@ pub struct Args {
     /// How many NodeRuns may be in dispatch at once.
     #[arg(long, env = "JARVIS_DISPATCH_CONCURRENCY", default_value_t = 1024)]
     pub dispatch_concurrency: usize,
+    /// Seconds a dispatcher owns a NodeRun without renewing it (renewed every third of
+    /// it while the executor call is in flight); an expired lease is taken up again.
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_LEASE_SECS", default_value_t = 15)]
+    pub lease_secs: u64,
+    /// How long terminal runs are kept (with their NodeRuns and events) before they
+    /// are deleted; `off` keeps them forever.
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub retention: Retention,
+    /// `flush`: a change is acknowledged once it is on disk (fsync). `fast`: once it is
+    /// in the operating system, safe against a process crash but not a power loss.
+    #[arg(
+        long,
+        env = "JARVIS_RUN_COORDINATOR_DURABILITY",
+        default_value = "flush"
+    )]
+    pub durability: Durability,
+}
+
+/// How long terminal runs are kept; `None` keeps them forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+fn parse_retention(value: &str) -> Result<Retention, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "off" | "0" | "none" | "forever" => Ok(Retention(None)),
+        v => match humantime::parse_duration(v) {
+            Ok(d) if d.is_zero() => Ok(Retention(None)),
+            Ok(d) => Ok(Retention(Some(d))),
+            Err(e) => Err(format!("{e} (a duration like `7d`, `12h`, or `off`)")),
+        },
+    }
+}
+
+/// When a committed change counts as durable, i.e. when it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is fsynced before anything is acknowledged;
+    /// survives power loss. Group commit shares one fsync among all waiting requests.
+    #[default]
+    Flush,
+    /// `synchronous=NORMAL`: survives a process crash; an OS crash or power loss may
+    /// drop the last commits (the WAL is fsynced only at checkpoints).
+    Fast,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    /// For settings read outside clap (benches): `flush` or `fast`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Self as clap::ValueEnum>::from_str(s.trim(), true)
+    }
+}
+
+/// Intervals of the background work; shorter in tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How often the poller takes up expired leases and fails overdue NodeRuns.
+    pub poll_interval: Duration,
+    /// How long after its deadline an open NodeRun is failed by the poller (the
+    /// executor enforces the wall time itself and normally reports first).
+    pub deadline_grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(500),
+            deadline_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Validated configuration.
@@ -71,6 +142,12 @@ pub struct Config {
     pub auto_dispatch: bool,
     pub node_run_timeout: Duration,
     pub dispatch_concurrency: usize,
+    /// How long a dispatcher owns a NodeRun between renewals.
+    pub lease: Duration,
+    /// Terminal runs older than this are deleted; `None` keeps them.
+    pub retention: Option<Duration>,
+    pub durability: Durability,
+    pub timing: Timing,
     /// Inbound authentication (`ARP_AUTH_*`).
     pub auth: AuthSettings,
     /// Client-credentials tokens for the services the coordinator calls.
@@ -116,6 +193,9 @@ impl Config {
         if args.dispatch_concurrency == 0 {
             anyhow::bail!("--dispatch-concurrency must be at least 1");
         }
+        if args.lease_secs == 0 {
+            anyhow::bail!("--lease-secs must be at least 1");
+        }
         Ok(Self {
             listen,
             db_path: args.db.unwrap_or_else(default_db_path),
@@ -128,6 +208,10 @@ impl Config {
             auto_dispatch,
             node_run_timeout: args.node_run_timeout,
             dispatch_concurrency: args.dispatch_concurrency,
+            lease: Duration::from_secs(args.lease_secs),
+            retention: args.retention.0,
+            durability: args.durability,
+            timing: Timing::default(),
             auth: AuthSettings::from_env().context("authentication")?,
             outbound: OutboundAuth::from_env().context("outbound authentication")?,
         })
@@ -172,6 +256,22 @@ fn default_db_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_and_durability_parse() {
+        assert_eq!(parse_retention("off"), Ok(Retention(None)));
+        assert_eq!(parse_retention("0"), Ok(Retention(None)));
+        assert_eq!(
+            parse_retention("7d"),
+            Ok(Retention(Some(Duration::from_secs(7 * 86_400))))
+        );
+        assert!(parse_retention("soon").is_err());
+        assert_eq!("FAST".parse(), Ok(Durability::Fast));
+        assert_eq!("flush".parse(), Ok(Durability::Flush));
+        let args = Args::parse_from(["jarvis-run-coordinator"]);
+        assert_eq!(args.durability, Durability::Flush);
+        assert_eq!(args.lease_secs, 15);
+    }
 
     #[test]
     fn urls_are_normalized_like_the_python_services() {

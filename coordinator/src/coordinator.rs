@@ -110,7 +110,7 @@ impl Coordinator {
             .await;
         let allowed = policy::allows(&decision);
         let deadline_at = self.deadline_for(root_constraints.as_ref());
-        let dispatch = allowed && self.config.auto_dispatch;
+        let lease = (allowed && self.config.auto_dispatch).then_some(self.config.lease);
         let now = now_rfc3339();
         let client_extensions = strip_owned(req.extensions.clone());
 
@@ -164,7 +164,7 @@ impl Coordinator {
                     RunEventType::RunStarted,
                     Some(obj([("root_node_run_id", json!(root_id))])),
                 )?;
-                tx.insert_node_run(&root, 0, deadline_at, dispatch)?;
+                tx.insert_node_run(&root, 0, deadline_at, lease.map(lease_until))?;
                 tx.append_event(
                     &run.run_id,
                     Some(&root_id),
@@ -290,12 +290,12 @@ impl Coordinator {
         for spec in &req.node_runs {
             infos.push(self.catalog.lookup(&spec.node_type_ref).await);
         }
-        let auto_dispatch = self.config.auto_dispatch;
+        let lease = self.config.auto_dispatch.then_some(self.config.lease);
         let default_timeout = self.config.node_run_timeout;
 
         self.store
             .write(move |tx| {
-                create_node_runs_in_tx(tx, req, parent_kind, infos, auto_dispatch, default_timeout)
+                create_node_runs_in_tx(tx, req, parent_kind, infos, lease, default_timeout)
             })
             .await
     }
@@ -400,6 +400,11 @@ impl Coordinator {
     }
 }
 
+/// When a lease of `lease` taken now runs out, in ms since the epoch.
+pub fn lease_until(lease: Duration) -> i64 {
+    now_ms().saturating_add(lease.as_millis().min(i64::MAX as u128 / 2) as i64)
+}
+
 fn deadline_for(constraints: Option<&ConstraintEnvelope>, default_timeout: Duration) -> i64 {
     let budget = constraints
         .and_then(ConstraintEnvelope::max_wall_time_ms)
@@ -412,7 +417,7 @@ fn create_node_runs_in_tx(
     req: NodeRunsCreateRequest,
     parent_kind: Option<NodeKind>,
     infos: Vec<NodeTypeInfo>,
-    auto_dispatch: bool,
+    lease: Option<Duration>,
     default_timeout: Duration,
 ) -> Result<NodeRunsCreateResponse, ApiError> {
     let run = tx.run(&req.run_id)?.ok_or_else(|| {
@@ -568,7 +573,8 @@ fn create_node_runs_in_tx(
     tx.update_node_run(&parent)?;
 
     for (node_run, deadline_at) in &new_runs {
-        tx.insert_node_run(node_run, parent_row.depth + 1, *deadline_at, auto_dispatch)?;
+        let lease = lease.map(lease_until);
+        tx.insert_node_run(node_run, parent_row.depth + 1, *deadline_at, lease)?;
         let id = Some(node_run.node_run_id.as_str());
         tx.append_event(
             &run.run_id,

@@ -1,79 +1,173 @@
 //! The durable dispatch queue: lease a NodeRun, hand it to its executor, record the outcome.
 //!
-//! New NodeRuns arrive leased from the transaction that created them; after a
-//! restart every owed dispatch is released and claimed again by the poller, so
-//! nothing stays `queued` or `running`: either an executor finishes it, or it
-//! fails with a recorded code, at the latest when its deadline passes.
+//! New NodeRuns arrive leased from the transaction that created them. A lease is
+//! short (`--lease-secs`) and renewed while this process is dispatching the
+//! NodeRun; when a dispatcher fails (a write failed, the process died) the lease
+//! runs out and the poller takes the NodeRun up again within seconds, re-sending
+//! the same request under the same `node_run_id` (the executor attaches to the
+//! execution in flight or returns its recorded result). An executor's outcome is
+//! written again and again until it is committed. So nothing stays `queued` or
+//! `running`: either an executor finishes it, or it fails with a recorded code
+//! that says why, at the latest when its deadline passes.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arp_types::composite::CompositeBeginRequest;
 use arp_types::run::{ExecutorBinding, NodeRun, Run, RunEventType};
 use arp_types::time::now_rfc3339;
 use arp_types::{AtomicExecuteRequest, ConstraintEnvelope, ErrorDetail, NodeKind, NodeRunState};
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::catalog::NodeTypeInfo;
 use crate::clients::CallError;
 use crate::constraints;
 use crate::coordinator::{
-    Completion, Coordinator, complete_in_tx, constraints_of, record_atomic_result,
+    Completion, Coordinator, complete_in_tx, constraints_of, lease_until, record_atomic_result,
 };
 use crate::policy::{self, PolicySubject};
 use crate::store::{StoreError, now_ms};
 
-/// How often the poller looks for unowned dispatches and overdue NodeRuns.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// NodeRuns claimed per poller transaction.
 const CLAIM_BATCH: usize = 256;
-/// An open NodeRun fails this long after its deadline if nothing else ended it
-/// (the executor enforces the wall time itself and normally reports first).
-const DEADLINE_GRACE_MS: i64 = 10_000;
+/// Leases renewed per transaction.
+const RENEW_BATCH: usize = 512;
+/// Terminal runs deleted per retention transaction: short write locks.
+const PRUNE_BATCH: usize = 64;
+/// Free pages returned to the file system after each retention transaction.
+const RECLAIM_PAGES: u32 = 4096;
 /// Extra time an execute call may take beyond the NodeRun's deadline, so the
 /// executor's own timeout verdict arrives before ours.
 const CALL_GRACE: Duration = Duration::from_secs(3);
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Retrying a failed store write: the store usually recovers in well under a second.
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// Runs the dispatcher: a task per NodeRun (bounded), plus the poller.
-pub fn spawn(coord: Arc<Coordinator>, mut queue: mpsc::UnboundedReceiver<String>) {
-    let permits = Arc::new(Semaphore::new(coord.config.dispatch_concurrency));
-    let worker = coord.clone();
-    tokio::spawn(async move {
-        while let Some(node_run_id) = queue.recv().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
-            };
-            let coord = worker.clone();
-            tokio::spawn(async move {
-                dispatch(&coord, &node_run_id).await;
-                drop(permit);
-            });
-        }
-    });
-    tokio::spawn(poll(coord));
+/// The dispatcher's shared state.
+struct Dispatcher {
+    coord: Arc<Coordinator>,
+    /// NodeRuns a task of this process is dispatching: a reclaimed lease on one of
+    /// them is not dispatched twice, and their leases are renewed.
+    in_flight: Mutex<HashSet<String>>,
+    started_ms: i64,
 }
 
-async fn poll(coord: Arc<Coordinator>) {
-    // Whatever was leased before a restart belonged to a process that is gone.
-    match coord.store.write(|tx| tx.release_all_leases()).await {
-        Ok(n) if n > 0 => tracing::info!(
-            released = n,
-            "re-queued NodeRuns left in flight by a previous process"
-        ),
-        Ok(_) => {}
-        Err(err) => tracing::error!(error = %err, "could not release leases"),
+/// Removes its NodeRun from `in_flight` when the dispatch task ends, however it ends.
+struct Flight {
+    dispatcher: Arc<Dispatcher>,
+    node_run_id: String,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.dispatcher
+            .in_flight
+            .lock()
+            .unwrap()
+            .remove(&self.node_run_id);
     }
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
+}
+
+/// The dispatcher's background loops; [`Background::stop`] ends them.
+#[derive(Debug)]
+pub struct Background {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Stops the queue, poller, lease renewer and pruner and waits for them. Dispatch
+    /// tasks in flight are left to finish or be dropped with the runtime: their leases
+    /// run out and whoever opens the database next takes them up again.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Runs the dispatcher: a task per NodeRun (bounded), the poller, the lease renewer
+/// and (with a retention window) the pruner.
+pub fn spawn(coord: Arc<Coordinator>, queue: mpsc::UnboundedReceiver<String>) -> Background {
+    let (stop, stopped) = watch::channel(false);
+    let dispatcher = Arc::new(Dispatcher {
+        coord: coord.clone(),
+        in_flight: Mutex::new(HashSet::new()),
+        started_ms: now_ms(),
+    });
+    let mut tasks = vec![
+        tokio::spawn(until_stopped(
+            stopped.clone(),
+            run_queue(dispatcher.clone(), queue),
+        )),
+        tokio::spawn(until_stopped(stopped.clone(), poll(dispatcher.clone()))),
+        tokio::spawn(until_stopped(stopped.clone(), renew(dispatcher))),
+    ];
+    if let Some(retention) = coord.config.retention {
+        tasks.push(tokio::spawn(until_stopped(
+            stopped,
+            prune(coord, retention),
+        )));
+    }
+    Background { stop, tasks }
+}
+
+async fn until_stopped(mut stopped: watch::Receiver<bool>, work: impl Future<Output = ()>) {
+    tokio::select! {
+        _ = stopped.wait_for(|s| *s) => {}
+        () = work => {}
+    }
+}
+
+async fn run_queue(dispatcher: Arc<Dispatcher>, mut queue: mpsc::UnboundedReceiver<String>) {
+    let permits = Arc::new(Semaphore::new(dispatcher.coord.config.dispatch_concurrency));
+    while let Some(node_run_id) = queue.recv().await {
+        if !dispatcher
+            .in_flight
+            .lock()
+            .unwrap()
+            .insert(node_run_id.clone())
+        {
+            // Its lease was reclaimed while our own dispatch is still working on it.
+            continue;
+        }
+        let flight = Flight {
+            dispatcher: dispatcher.clone(),
+            node_run_id,
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let coord = dispatcher.coord.clone();
+        tokio::spawn(async move {
+            dispatch(&coord, &flight.node_run_id).await;
+            drop(permit);
+            drop(flight);
+        });
+    }
+}
+
+/// Takes up NodeRuns whose lease ran out and fails NodeRuns past their deadline.
+async fn poll(dispatcher: Arc<Dispatcher>) {
+    let coord = &dispatcher.coord;
+    let mut tick = tokio::time::interval(coord.config.timing.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if coord.config.auto_dispatch {
             loop {
+                let lease = coord.config.lease;
                 let claimed = coord
                     .store
-                    .write(|tx| tx.claim_dispatchable(now_ms(), CLAIM_BATCH))
+                    .write(move |tx| {
+                        tx.claim_dispatchable(now_ms(), lease_until(lease), CLAIM_BATCH)
+                    })
                     .await;
                 match claimed {
                     Ok(n) if n == CLAIM_BATCH => continue,
@@ -85,18 +179,16 @@ async fn poll(coord: Arc<Coordinator>) {
                 }
             }
         }
+        let grace = coord.config.timing.deadline_grace.as_millis() as i64;
         let overdue = coord
             .store
-            .read(|conn| overdue(conn, now_ms() - DEADLINE_GRACE_MS))
+            .read(|conn| overdue(conn, now_ms() - grace))
             .unwrap_or_else(|err| {
                 tracing::error!(error = %err, "looking for overdue NodeRuns failed");
                 Vec::new()
             });
-        for node_run_id in overdue {
-            let error = ErrorDetail::new(
-                "deadline_exceeded",
-                "NodeRun did not finish before its deadline",
-            );
+        for (node_run_id, state, deadline_at) in overdue {
+            let error = dispatcher.deadline_error(&node_run_id, &state, deadline_at);
             if let Err(err) = coord.fail_node_run(&node_run_id, error).await {
                 tracing::error!(%node_run_id, error = %err, "failing an overdue NodeRun failed");
             }
@@ -104,12 +196,129 @@ async fn poll(coord: Arc<Coordinator>) {
     }
 }
 
-fn overdue(conn: &rusqlite::Connection, before: i64) -> Result<Vec<String>, StoreError> {
+impl Dispatcher {
+    /// `deadline_exceeded`, saying what kept the NodeRun from finishing.
+    fn deadline_error(&self, node_run_id: &str, state: &str, deadline_at: i64) -> ErrorDetail {
+        let dispatching = self.in_flight.lock().unwrap().contains(node_run_id);
+        let why = if dispatching && state == "running" {
+            "the executor did not answer before the deadline"
+        } else if dispatching {
+            "its dispatch did not reach the executor before the deadline"
+        } else if self.started_ms > deadline_at {
+            "the coordinator was not running at the deadline"
+        } else if state == "running" {
+            "no dispatcher held it at the deadline (its dispatch failed and was not retried in time)"
+        } else {
+            "it was never dispatched (auto-dispatch off, or every dispatch attempt failed)"
+        };
+        let iso = |ms: i64| time_from_ms(ms).unwrap_or_default();
+        ErrorDetail::new(
+            "deadline_exceeded",
+            format!("NodeRun did not finish before its deadline: {why}"),
+        )
+        .with_details(
+            [
+                ("state".to_owned(), json!(state)),
+                ("deadline_at".to_owned(), json!(iso(deadline_at))),
+                ("dispatching".to_owned(), json!(dispatching)),
+                (
+                    "coordinator_started_at".to_owned(),
+                    json!(iso(self.started_ms)),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        )
+    }
+}
+
+/// RFC 3339 of ms since the epoch.
+fn time_from_ms(ms: i64) -> Option<String> {
+    let t = std::time::UNIX_EPOCH.checked_add(Duration::from_millis(u64::try_from(ms).ok()?))?;
+    Some(humantime::format_rfc3339_millis(t).to_string())
+}
+
+/// Extends the leases of the NodeRuns this process is dispatching, every third of a lease.
+async fn renew(dispatcher: Arc<Dispatcher>) {
+    let coord = &dispatcher.coord;
+    let lease = coord.config.lease;
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ids: Vec<String> = dispatcher
+            .in_flight
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        for chunk in ids.chunks(RENEW_BATCH) {
+            let chunk = chunk.to_vec();
+            let renewed = coord
+                .store
+                .write(move |tx| tx.renew_leases(&chunk, lease_until(lease)))
+                .await;
+            if let Err(err) = renewed {
+                // The next tick tries again; in-process the NodeRun is not dispatched twice.
+                tracing::warn!(error = %err, "renewing leases failed");
+                break;
+            }
+        }
+    }
+}
+
+/// Deletes terminal runs older than `retention` in small batches and returns the pages.
+async fn prune(coord: Arc<Coordinator>, retention: Duration) {
+    let every = (retention / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let window = retention.as_millis().min(i64::MAX as u128 / 2) as i64;
+    loop {
+        tick.tick().await;
+        let mut pruned = 0;
+        loop {
+            let cutoff = now_ms().saturating_sub(window);
+            let result = coord
+                .store
+                .write(move |tx| {
+                    let n = tx.prune_runs(cutoff, PRUNE_BATCH)?;
+                    if n > 0 {
+                        tx.reclaim_free_pages(RECLAIM_PAGES)?;
+                    }
+                    Ok::<_, StoreError>(n)
+                })
+                .await;
+            match result {
+                Ok(n) => {
+                    pruned += n;
+                    if n < PRUNE_BATCH {
+                        break;
+                    }
+                    // Let waiting requests have the writer between batches.
+                    tokio::task::yield_now().await;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "deleting expired runs failed");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::debug!(runs = pruned, "deleted runs past the retention window");
+        }
+    }
+}
+
+fn overdue(
+    conn: &rusqlite::Connection,
+    before: i64,
+) -> Result<Vec<(String, String, i64)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT node_run_id FROM node_runs
+        "SELECT node_run_id, state, deadline_at FROM node_runs
          WHERE state NOT IN ('succeeded', 'failed', 'canceled') AND deadline_at < ?1 LIMIT 256",
     )?;
-    let rows = stmt.query_map([before], |r| r.get::<_, String>(0))?;
+    let rows = stmt.query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -136,7 +345,7 @@ async fn dispatch(coord: &Arc<Coordinator>, node_run_id: &str) {
         Err(err) => Err(err),
     };
     if let Err(err) = result {
-        // The lease stays; the NodeRun is retried after a restart or failed at its deadline.
+        // Its lease runs out and the poller takes the NodeRun up again.
         tracing::error!(%node_run_id, error = %err, "dispatch failed on the store");
     }
 }
@@ -152,6 +361,19 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
     let Some(run) = coord.store.get_run(&row.node_run.run_id)? else {
         return Ok(Begin::Stop);
     };
+    if run.state.is_terminal() {
+        return Ok(Begin::Stop);
+    }
+    // `running` with its dispatch still owed: an earlier dispatch decided policy and
+    // stored kind and constraints in the same transaction, then died or failed before
+    // the outcome was recorded. Send the same request again; decide nothing twice.
+    if row.node_run.state == NodeRunState::Running && row.node_run.kind.is_some() {
+        return Ok(Begin::Execute(Box::new(Execution {
+            node_run: row.node_run,
+            run,
+            deadline_at: row.deadline_at,
+        })));
+    }
     let node_run = &row.node_run;
     let info = match node_run.kind {
         Some(_) => None,
@@ -356,13 +578,15 @@ where
     F: FnMut(Duration) -> Fut,
     Fut: std::future::Future<Output = Result<T, CallError>>,
 {
-    let mut last_reason = String::new();
+    let mut last_reason = None;
+    let mut silent = false;
     for n in 0u32.. {
         let remaining = deadline_at - now_ms();
         if remaining <= 0 {
             break;
         }
         let timeout = Duration::from_millis(remaining as u64) + CALL_GRACE;
+        let called = Instant::now();
         let retry_after = match attempt(timeout).await {
             Ok(value) => return Ok(Some(value)),
             Err(CallError::Terminal(detail)) => return Err(detail),
@@ -371,7 +595,9 @@ where
                 retry_after,
             }) => {
                 tracing::debug!(%node_run_id, attempt = n, %reason, "transient dispatch failure; retrying");
-                last_reason = reason;
+                // The call lasted until its timeout: the executor never answered.
+                silent = called.elapsed() + Duration::from_millis(50) >= timeout;
+                last_reason = Some(reason);
                 retry_after
             }
         };
@@ -381,11 +607,59 @@ where
             _ => return Ok(None),
         }
     }
-    Err(ErrorDetail::new(
-        unavailable_code,
-        format!("Executor unavailable until the NodeRun's deadline: {last_reason}"),
-    )
-    .with_retryable(true))
+    Err(match last_reason {
+        Some(reason) if silent => ErrorDetail::new(
+            "deadline_exceeded",
+            format!(
+                "NodeRun did not finish before its deadline: the executor did not answer ({reason})"
+            ),
+        ),
+        Some(reason) => ErrorDetail::new(
+            unavailable_code,
+            format!("Executor unavailable until the NodeRun's deadline: {reason}"),
+        )
+        .with_retryable(true),
+        None => ErrorDetail::new(
+            "deadline_exceeded",
+            "NodeRun did not finish before its deadline: its deadline had passed before the executor could be called",
+        ),
+    })
+}
+
+/// Repeats `write` (backing off, up to a second apart) until it commits, while the
+/// NodeRun is still open: an outcome the executor delivered must not be lost to a
+/// store that fails for a while. `None` if the NodeRun ended meanwhile.
+async fn until_committed<T, F, Fut>(
+    coord: &Arc<Coordinator>,
+    node_run_id: &str,
+    what: &str,
+    mut write: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    for n in 0u32.. {
+        match write().await {
+            Ok(value) => return Some(value),
+            Err(err) => {
+                tracing::warn!(%node_run_id, attempt = n, error = %err, "{what} failed; retrying");
+            }
+        }
+        let ceiling = BACKOFF_BASE
+            .saturating_mul(2u32.saturating_pow(n.min(16)))
+            .min(WRITE_RETRY_MAX);
+        let wait =
+            rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        match coord.store.get_node_run(node_run_id) {
+            Ok(Some(row)) if row.node_run.state.is_terminal() => return None,
+            Ok(None) => return None,
+            // A failing read is no reason to give up the outcome.
+            _ => {}
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Result<(), StoreError> {
@@ -445,9 +719,9 @@ async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Resul
         },
         Err(error) => Completion::failed(error),
     };
-    let cancels = coord
-        .store
-        .write(move |tx| -> Result<_, StoreError> {
+    let cancels = until_committed(coord, &id, "recording the outcome", || {
+        let (id, completion) = (id.clone(), completion.clone());
+        coord.store.write(move |tx| -> Result<_, StoreError> {
             match tx.node_run(&id)? {
                 Some(row) if !row.node_run.state.is_terminal() => {
                     record_atomic_result(tx, row.node_run, completion)
@@ -455,8 +729,9 @@ async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Resul
                 _ => Ok(Vec::new()),
             }
         })
-        .await?;
-    coord.cancel_at_executors(cancels);
+    })
+    .await;
+    coord.cancel_at_executors(cancels.unwrap_or_default());
     Ok(())
 }
 
@@ -493,20 +768,28 @@ async fn begin_composite(coord: &Arc<Coordinator>, execution: Execution) -> Resu
         },
     )
     .await;
-    match outcome {
-        Ok(None) => Ok(()),
+    let error = match outcome {
+        Ok(None) => return Ok(()),
         Ok(Some(resp)) if resp.accepted => {
             tracing::debug!(node_run_id = %id, "composite assignment accepted");
-            coord.store.write(move |tx| tx.finish_dispatch(&id)).await
+            until_committed(coord, &id, "recording the composite assignment", || {
+                let id = id.clone();
+                coord.store.write(move |tx| tx.finish_dispatch(&id))
+            })
+            .await;
+            return Ok(());
         }
         Ok(Some(resp)) => {
             let message = resp
                 .message
                 .unwrap_or_else(|| "Composite assignment rejected".into());
-            coord
-                .fail_node_run(&id, ErrorDetail::new("composite_rejected", message))
-                .await
+            ErrorDetail::new("composite_rejected", message)
         }
-        Err(error) => coord.fail_node_run(&id, error).await,
-    }
+        Err(error) => error,
+    };
+    until_committed(coord, &id, "recording the composite failure", || {
+        coord.fail_node_run(&id, error.clone())
+    })
+    .await;
+    Ok(())
 }

@@ -55,6 +55,7 @@ pub struct Server {
     pub coordinator: Arc<Coordinator>,
     listener: TcpListener,
     auth: jarvis_auth::Authenticator,
+    background: dispatch::Background,
 }
 
 impl Server {
@@ -70,6 +71,7 @@ impl Server {
                 watchers: watchers.clone(),
                 dispatch: dispatch_tx,
             },
+            config.durability,
         )?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
@@ -106,25 +108,28 @@ impl Server {
             watchers,
             config,
         });
-        dispatch::spawn(coordinator.clone(), dispatch_rx);
+        let background = dispatch::spawn(coordinator.clone(), dispatch_rx);
         Ok(Self {
             addr,
             coordinator,
             listener,
             auth,
+            background,
         })
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves, then stops the dispatcher's background loops.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(
+        let served = axum::serve(
             self.listener,
             api::router(self.coordinator).layer(self.auth.layer()),
         )
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+        self.background.stop().await;
+        served
     }
 }

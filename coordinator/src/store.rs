@@ -11,6 +11,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,6 +20,7 @@ use arp_types::{JsonObject, NodeRunState};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::Durability;
 use crate::events::RunWatchers;
 
 /// Most jobs committed together; bounds the latency a single commit adds.
@@ -57,34 +59,79 @@ type Job = Box<dyn FnOnce(Option<&mut Tx<'_>>) -> Finisher + Send>;
 pub struct Store {
     jobs: std::sync::mpsc::Sender<Job>,
     readers: Arc<ReaderPool>,
+    fault: Arc<AtomicU8>,
 }
+
+/// A real SQLite failure the writer connection can be put into, for fault-injection tests.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WriteFault {
+    None = 0,
+    /// `PRAGMA query_only`: every write transaction fails to begin (SQLITE_READONLY).
+    ReadOnly = 1,
+    /// `PRAGMA max_page_count` at the current size: writes that need a new page fail
+    /// with SQLITE_FULL, as on a full disk or under a file-size limit.
+    Full = 2,
+}
+
+/// The WAL is truncated back to this after a checkpoint, so it does not keep its peak size.
+const JOURNAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and starts the writer thread.
-    pub fn open(path: &Path, hooks: CommitHooks) -> Result<Self, StoreError> {
+    pub fn open(
+        path: &Path,
+        hooks: CommitHooks,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Commit(format!("{}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path)?;
+        // Takes effect only in a new database (before its first table): pages freed
+        // by retention can then be returned to the file system. An older file reuses
+        // them for new rows instead, so it stops growing but does not shrink.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // NORMAL in WAL mode is durable against process crashes (kill -9); only
-        // an OS crash or power loss can drop the last commits.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // In WAL mode FULL fsyncs the log at every commit, so an acknowledged change
+        // survives power loss; NORMAL fsyncs only at checkpoints, which survives a
+        // process crash (kill -9) but may lose the last commits on an OS crash.
+        let synchronous = match durability {
+            Durability::Flush => "FULL",
+            Durability::Fast => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
 
+        let fault = Arc::new(AtomicU8::new(WriteFault::None as u8));
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let writer_fault = fault.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, hooks))
+            .spawn(move || writer_loop(conn, rx, hooks, &writer_fault))
             .map_err(|e| StoreError::Commit(e.to_string()))?;
         let readers = Arc::new(ReaderPool {
             path: path.to_owned(),
             idle: Mutex::new(Vec::new()),
         });
-        Ok(Self { jobs, readers })
+        Ok(Self {
+            jobs,
+            readers,
+            fault,
+        })
+    }
+
+    /// Test hook: puts the writer connection into `fault` (or back to normal) from
+    /// its next transaction on.
+    #[doc(hidden)]
+    pub fn inject_write_fault(&self, fault: WriteFault) {
+        self.fault.store(fault as u8, Ordering::SeqCst);
     }
 
     /// Runs `op` in the next write transaction; answers once it is committed.
@@ -145,7 +192,9 @@ CREATE TABLE IF NOT EXISTS runs (
     run_id   TEXT PRIMARY KEY,
     state    TEXT NOT NULL,
     next_seq INTEGER NOT NULL,
-    body     TEXT NOT NULL
+    body     TEXT NOT NULL,
+    -- ms since the epoch when the run became terminal; retention deletes by it.
+    ended_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS node_runs (
     node_run_id        TEXT PRIMARY KEY,
@@ -174,8 +223,62 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 ";
 
-fn writer_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, hooks: CommitHooks) {
+/// Brings a database created by an older version up to `SCHEMA`.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_ended_ms: bool = conn
+        .prepare("SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'ended_ms'")?
+        .query_row([], |r| r.get::<_, i64>(0))?
+        > 0;
+    if !has_ended_ms {
+        // Terminal runs of older versions get their end time from their body, else now.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             ALTER TABLE runs ADD COLUMN ended_ms INTEGER;
+             UPDATE runs SET ended_ms = COALESCE(
+                 CAST((julianday(json_extract(body, '$.ended_at')) - 2440587.5) * 86400000 AS INTEGER),
+                 {now})
+             WHERE state IN ('succeeded', 'failed', 'canceled');
+             COMMIT;",
+            now = now_ms()
+        ))?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS runs_by_end ON runs (ended_ms) WHERE ended_ms IS NOT NULL;",
+    )?;
+    Ok(())
+}
+
+/// Puts the writer connection into the fault the test hook asked for.
+fn apply_fault(conn: &Connection, fault: u8) -> rusqlite::Result<()> {
+    let read_only = fault == WriteFault::ReadOnly as u8;
+    conn.pragma_update(None, "query_only", read_only)?;
+    // Below the current size SQLite clamps it to the current size.
+    let max_pages: i64 = if fault == WriteFault::Full as u8 {
+        1
+    } else {
+        0xFFFF_FFFE
+    };
+    conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| {
+        Ok(())
+    })?;
+    Ok(())
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    hooks: CommitHooks,
+    fault: &AtomicU8,
+) {
+    let mut applied_fault = WriteFault::None as u8;
     while let Ok(first) = jobs.recv() {
+        let wanted = fault.load(Ordering::SeqCst);
+        if wanted != applied_fault {
+            match apply_fault(&conn, wanted) {
+                Ok(()) => applied_fault = wanted,
+                Err(e) => tracing::error!(error = %e, "could not apply the injected write fault"),
+            }
+        }
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -339,25 +442,32 @@ impl Tx<'_> {
 
     pub fn update_run(&mut self, run: &Run) -> Result<(), StoreError> {
         self.conn
-            .prepare_cached("UPDATE runs SET state = ?2, body = ?3 WHERE run_id = ?1")?
+            .prepare_cached(
+                "UPDATE runs SET state = ?2, body = ?3,
+                 ended_ms = CASE WHEN ?4 THEN COALESCE(ended_ms, ?5) ELSE NULL END
+                 WHERE run_id = ?1",
+            )?
             .execute(params![
                 run.run_id,
                 run.state.as_str(),
-                serde_json::to_string(run)?
+                serde_json::to_string(run)?,
+                run.state.is_terminal(),
+                now_ms()
             ])?;
         Ok(())
     }
 
-    /// Inserts a NodeRun; with `dispatch`, leases it to this process and hands it
-    /// to the dispatcher once the transaction commits.
+    /// Inserts a NodeRun; with `lease_until`, leases it to this process until then
+    /// and hands it to the dispatcher once the transaction commits.
     pub fn insert_node_run(
         &mut self,
         node_run: &NodeRun,
         depth: u64,
         deadline_at: i64,
-        dispatch: bool,
+        lease_until: Option<i64>,
     ) -> Result<(), StoreError> {
-        let lease = dispatch.then_some(deadline_at);
+        let dispatch = lease_until.is_some();
+        let lease = lease_until;
         self.conn
             .prepare_cached(
                 "INSERT INTO node_runs (node_run_id, run_id, parent_node_run_id, state, depth,
@@ -478,18 +588,26 @@ impl Tx<'_> {
         Ok(seq as u64)
     }
 
-    /// Leases up to `limit` NodeRuns whose dispatch is owed and unowned, and hands them to the dispatcher.
-    pub fn claim_dispatchable(&mut self, now: i64, limit: usize) -> Result<usize, StoreError> {
+    /// Leases (until `lease_until`) up to `limit` NodeRuns whose dispatch is owed and
+    /// unowned or whose lease expired, and hands them to the dispatcher.
+    pub fn claim_dispatchable(
+        &mut self,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
         let ids: Vec<String> = {
             let mut stmt = self.conn.prepare_cached(
-                "UPDATE node_runs SET lease_until = deadline_at
+                "UPDATE node_runs SET lease_until = ?3
                  WHERE node_run_id IN (
                      SELECT node_run_id FROM node_runs
                      WHERE dispatch_pending = 1 AND (lease_until IS NULL OR lease_until < ?1)
                      LIMIT ?2)
                  RETURNING node_run_id",
             )?;
-            let rows = stmt.query_map(params![now, limit as i64], |r| r.get::<_, String>(0))?;
+            let rows = stmt.query_map(params![now, limit as i64, lease_until], |r| {
+                r.get::<_, String>(0)
+            })?;
             rows.collect::<Result<_, _>>()?
         };
         let n = ids.len();
@@ -507,12 +625,49 @@ impl Tx<'_> {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// After a restart nothing in flight is owned any more: every owed dispatch is claimable again.
-    pub fn release_all_leases(&mut self) -> Result<usize, StoreError> {
-        Ok(self.conn.execute(
-            "UPDATE node_runs SET lease_until = NULL WHERE dispatch_pending = 1",
-            [],
-        )?)
+    /// Extends the leases of NodeRuns this process is still dispatching.
+    pub fn renew_leases(&mut self, node_run_ids: &[String], until: i64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE node_runs SET lease_until = ?2 WHERE node_run_id = ?1 AND dispatch_pending = 1",
+        )?;
+        for id in node_run_ids {
+            stmt.execute(params![id, until])?;
+        }
+        Ok(())
+    }
+
+    /// Deletes up to `limit` runs that ended before `ended_before`, with their NodeRuns
+    /// and events; returns how many runs went.
+    pub fn prune_runs(&mut self, ended_before: i64, limit: usize) -> Result<usize, StoreError> {
+        let run_ids: Vec<String> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT run_id FROM runs WHERE ended_ms IS NOT NULL AND ended_ms < ?1
+                 ORDER BY ended_ms LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![ended_before, limit as i64], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for run_id in &run_ids {
+            for sql in [
+                "DELETE FROM events WHERE run_id = ?1",
+                "DELETE FROM node_runs WHERE run_id = ?1",
+                "DELETE FROM runs WHERE run_id = ?1",
+            ] {
+                self.conn.prepare_cached(sql)?.execute(params![run_id])?;
+            }
+        }
+        Ok(run_ids.len())
+    }
+
+    /// Returns up to `pages` free pages to the file system (a no-op unless the
+    /// database was created with `auto_vacuum=INCREMENTAL`).
+    pub fn reclaim_free_pages(&mut self, pages: u32) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("PRAGMA incremental_vacuum({pages})"))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        Ok(())
     }
 }
 

@@ -258,7 +258,8 @@ struct Process(Child);
 impl Process {
     fn spawn(db: &std::path::Path, port: u16, executor_url: &str) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_jarvis-run-coordinator"))
-            .args(["--port", &port.to_string(), "--db"])
+            // Short leases: NodeRuns the killed process held are taken up again in seconds.
+            .args(["--lease-secs", "2", "--port", &port.to_string(), "--db"])
             .arg(db)
             .env("JARVIS_ATOMIC_EXECUTOR_URL", executor_url)
             .env("JARVIS_POLICY_PROFILE", "dev-allow")
@@ -380,6 +381,11 @@ async fn kill_9_mid_run_then_restart_finishes_every_run() {
             "run_completed",
             "{events:#?}"
         );
+        let decisions = events
+            .iter()
+            .filter(|e| e["type"] == "policy_decided" && e["data"]["action"] == "node.run.execute")
+            .count();
+        assert!(decisions <= 1, "policy decided twice: {events:#?}");
         let root = coord
             .node_run(done["root_node_run_id"].as_str().unwrap())
             .await;

@@ -5,4 +5,6 @@
 
 mod api;
 mod e2e;
+mod faults;
+mod retention;
 mod support;

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use jarvis_run_coordinator::Server;
-use jarvis_run_coordinator::config::{Config, LocalPolicy};
+use jarvis_run_coordinator::config::{Config, Durability, LocalPolicy, Timing};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -29,6 +29,10 @@ pub struct Options {
     pub composite_executor_url: Option<String>,
     pub deny_by_default: bool,
     pub node_run_timeout: Option<Duration>,
+    pub lease: Option<Duration>,
+    pub retention: Option<Duration>,
+    pub timing: Option<Timing>,
+    pub pdp_url: Option<String>,
 }
 
 pub fn config(db: &Path, opts: &Options) -> Config {
@@ -38,7 +42,7 @@ pub fn config(db: &Path, opts: &Options) -> Config {
         atomic_executor_url: opts.atomic_executor_url.clone(),
         composite_executor_url: opts.composite_executor_url.clone(),
         node_registry_url: None,
-        pdp_url: None,
+        pdp_url: opts.pdp_url.clone(),
         policy: if opts.deny_by_default {
             LocalPolicy::DenyAll
         } else {
@@ -48,6 +52,10 @@ pub fn config(db: &Path, opts: &Options) -> Config {
         auto_dispatch: true,
         node_run_timeout: opts.node_run_timeout.unwrap_or(Duration::from_secs(60)),
         dispatch_concurrency: 256,
+        lease: opts.lease.unwrap_or(Duration::from_secs(15)),
+        retention: opts.retention,
+        durability: Durability::Flush,
+        timing: opts.timing.unwrap_or_default(),
         auth: Config::insecure_auth().0,
         outbound: Config::insecure_auth().1,
     }
@@ -58,6 +66,8 @@ pub fn config(db: &Path, opts: &Options) -> Config {
 pub struct Coordinator {
     pub url: String,
     pub http: reqwest::Client,
+    /// The coordinator itself when it runs in this process (for its store's test hooks).
+    pub core: Option<Arc<jarvis_run_coordinator::coordinator::Coordinator>>,
     _stop: oneshot::Sender<()>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -74,13 +84,14 @@ impl Coordinator {
     pub async fn start_at(db: &Path, opts: Options) -> Self {
         let server = Server::bind(config(db, &opts)).await.unwrap();
         let url = format!("http://{}", server.addr);
+        let core = Some(server.coordinator.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server.serve(async move {
             let _ = stopped.await;
         }));
         Self {
             url,
-
+            core,
             http: client(),
             _stop: stop,
             _dir: None,
@@ -92,6 +103,7 @@ impl Coordinator {
         let (stop, _) = oneshot::channel();
         Self {
             url: url.to_owned(),
+            core: None,
             http: client(),
             _stop: stop,
             _dir: None,
@@ -116,6 +128,11 @@ impl Coordinator {
                 serde_json::from_str(&text).unwrap()
             },
         )
+    }
+
+    /// The in-process coordinator's store.
+    pub fn store(&self) -> &jarvis_run_coordinator::store::Store {
+        &self.core.as_ref().expect("an in-process coordinator").store
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
