@@ -39,7 +39,12 @@ async fn runs_past_the_window_disappear_with_their_node_runs_and_events() {
     let mut done = Vec::new();
     for i in 0..5 {
         let run = coord
-            .start_run("jarvis.core.echo", "0.3.8", json!({"echo": i}), json!({}))
+            .start_run(
+                "jarvis.core.echo",
+                "0.3.8",
+                json!({"echo": format!("e{i}")}),
+                json!({}),
+            )
             .await;
         done.push(
             coord
@@ -115,7 +120,12 @@ async fn under_steady_load_the_database_stops_growing() {
                 let coord = &coord;
                 async move {
                     let run = coord
-                        .start_run("jarvis.core.echo", "0.3.8", json!({"echo": i}), json!({}))
+                        .start_run(
+                            "jarvis.core.echo",
+                            "0.3.8",
+                            json!({"echo": format!("e{i}")}),
+                            json!({}),
+                        )
                         .await;
                     coord
                         .wait_terminal(run["run_id"].as_str().unwrap(), Duration::from_secs(10))
