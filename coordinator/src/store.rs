@@ -235,7 +235,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             "BEGIN IMMEDIATE;
              ALTER TABLE runs ADD COLUMN ended_ms INTEGER;
              UPDATE runs SET ended_ms = COALESCE(
-                 CAST((julianday(json_extract(body, '$.ended_at')) - 2440587.5) * 86400000 AS INTEGER),
+                 CAST(ROUND((julianday(json_extract(body, '$.ended_at')) - 2440587.5) * 86400000) AS INTEGER),
                  {now})
              WHERE state IN ('succeeded', 'failed', 'canceled');
              COMMIT;",
@@ -767,4 +767,46 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hooks() -> CommitHooks {
+        CommitHooks {
+            watchers: Arc::new(RunWatchers::default()),
+            dispatch: mpsc::unbounded_channel().0,
+        }
+    }
+
+    #[test]
+    fn a_database_of_an_older_version_gets_end_times_for_its_terminal_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite3");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE runs (run_id TEXT PRIMARY KEY, state TEXT NOT NULL,
+                     next_seq INTEGER NOT NULL, body TEXT NOT NULL);
+                 INSERT INTO runs VALUES ('done', 'succeeded', 3,
+                     '{\"ended_at\":\"2026-01-02T03:04:05.678Z\"}');
+                 INSERT INTO runs VALUES ('open', 'running', 1, '{}');",
+            )
+            .unwrap();
+        }
+        let _store = Store::open(&path, hooks(), Durability::Flush).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let ended = |id: &str| -> Option<i64> {
+            conn.query_row("SELECT ended_ms FROM runs WHERE run_id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(ended("done"), Some(1_767_323_045_678));
+        assert_eq!(ended("open"), None);
+        // Opening again does not migrate twice.
+        drop(_store);
+        Store::open(&path, hooks(), Durability::Fast).unwrap();
+    }
 }
