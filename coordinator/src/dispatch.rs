@@ -188,6 +188,13 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
                 Vec::new()
             });
         for (node_run_id, state, deadline_at) in overdue {
+            // A dispatch of ours gives its own verdict by deadline + CALL_GRACE, and may
+            // hold an outcome it is still trying to record: leave it that long, and a grace more.
+            let dispatching = dispatcher.in_flight.lock().unwrap().contains(&node_run_id);
+            let patience = (CALL_GRACE.as_millis() as i64).saturating_add(2 * grace);
+            if dispatching && now_ms() < deadline_at.saturating_add(patience) {
+                continue;
+            }
             let error = dispatcher.deadline_error(&node_run_id, &state, deadline_at);
             if let Err(err) = coord.fail_node_run(&node_run_id, error).await {
                 tracing::error!(%node_run_id, error = %err, "failing an overdue NodeRun failed");
