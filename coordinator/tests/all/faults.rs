@@ -301,3 +301,42 @@ async fn a_node_run_past_its_deadline_says_why() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_deadline_that_passed_while_no_coordinator_ran_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("coordinator.sqlite3");
+    let mut options = fast_options("http://127.0.0.1:9");
+    options.no_auto_dispatch = true;
+    let first = Coordinator::start_at(&db, options.clone()).await;
+    let constraints = json!({"constraints": {"budgets": {"max_wall_time_ms": 100}}});
+    let run = first
+        .start_run(
+            "jarvis.core.echo",
+            "0.3.8",
+            json!({"echo": "x"}),
+            constraints,
+        )
+        .await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let second = Coordinator::start_at(&db, options).await;
+    let done = second
+        .wait_terminal(run["run_id"].as_str().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(done["state"], "failed");
+    let root = second
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    let error = &root["extensions"]["jarvis.completion_error"];
+    assert_eq!(error["code"], "deadline_exceeded", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("the coordinator was not running at the deadline"),
+        "{error}"
+    );
+    assert_eq!(error["details"]["state"], "queued", "{error}");
+}

@@ -33,6 +33,8 @@ pub struct Options {
     pub retention: Option<Duration>,
     pub timing: Option<Timing>,
     pub pdp_url: Option<String>,
+    /// `--auto-dispatch false`: NodeRuns stay queued.
+    pub no_auto_dispatch: bool,
 }
 
 pub fn config(db: &Path, opts: &Options) -> Config {
@@ -49,7 +51,7 @@ pub fn config(db: &Path, opts: &Options) -> Config {
             LocalPolicy::AllowAll
         },
         public_url: None,
-        auto_dispatch: true,
+        auto_dispatch: !opts.no_auto_dispatch,
         node_run_timeout: opts.node_run_timeout.unwrap_or(Duration::from_secs(60)),
         dispatch_concurrency: 256,
         lease: opts.lease.unwrap_or(Duration::from_secs(15)),
