@@ -211,6 +211,26 @@ async fn a_backtracking_pattern_runs_in_linear_time() {
     assert_healthy(&t, Duration::from_millis(500)).await;
 }
 
+#[tokio::test]
+async fn the_catalogue_is_one_body_prepared_when_packs_change() {
+    let t = start(config(), &[("good.wasm", pack("good", ECHO))]).await;
+    let registry = t.server.service.executor.registry();
+    let (first, second) = (registry.catalogue(), registry.catalogue());
+    assert_eq!(first.as_ptr(), second.as_ptr(), "a copy per request");
+    let listed: Vec<Value> = serde_json::from_slice(&first).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(served_ids(&t).await, ["jarvis.core.echo", "test.good"]);
+    registry
+        .load_bytes("more.wasm", &pack("more", ECHO))
+        .await
+        .unwrap();
+    assert_ne!(registry.catalogue().as_ptr(), first.as_ptr());
+    assert_eq!(
+        served_ids(&t).await,
+        ["jarvis.core.echo", "test.good", "test.more"]
+    );
+}
+
 /// `describe` copies its one node record `copies` times into fresh memory
 /// and answers with that list: a few megabytes of guest memory whichever
 /// strings the records point at.
