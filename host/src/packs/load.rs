@@ -1,160 +1,48 @@
-//! A pack's `describe` answer, read out of guest memory within bounds.
+//! A pack's `describe` answer, copied out of the guest within a byte budget.
 //!
-//! The answer is lifted lazily ([`WasmStr`], [`WasmList`]): the canonical ABI
-//! lets a guest point every node's schema at the same string, so a list of a
-//! few megabytes in guest memory could otherwise expand into gigabytes of
-//! host copies before anything is checked. Here counts are checked before
-//! any element is read, and every string's length before it is copied; what
-//! the host copies in total is at most [`PackLimits::max_describe_bytes`].
-//! What the guest can make the host *read* (UTF-8 checks) is bounded by its
-//! linear memory, which the execution memory limit caps.
+//! Wasmtime copies the whole answer into host memory before anything can be
+//! checked, and the canonical ABI lets a guest point every node's schema at
+//! the same string, so a few megabytes of guest memory could expand into
+//! gigabytes of host copies. The store's hostcall fuel bounds what one lift
+//! copies (each string's bytes, each list's host-side elements, aliased or
+//! not): the answer fails before the copying goes past the budget. The
+//! guest's own memory limit bounds the rest. A lazily lifted answer
+//! (`WasmStr`) is no way out: wasmtime runs the guest's post-return, which
+//! may free the strings, before the host could read them.
 
-use wasmtime::AsContextMut;
-use wasmtime::component::{ComponentType, Instance, Lift, WasmList, WasmStr};
+use wasmtime::Store;
+use wasmtime::component::Instance;
 
-use super::spec::{self, PackLimits};
-use crate::world::{NodeSpec, PackInfo, SideEffect};
+use super::spec::{MAX_TAGS, PackLimits};
+use crate::world::{NodePack, NodeSpec, PackInfo};
 
-#[derive(ComponentType, Lift)]
-#[component(record)]
-struct RawNodeSpec {
-    #[component(name = "node-type-id")]
-    node_type_id: WasmStr,
-    version: WasmStr,
-    description: WasmStr,
-    #[component(name = "input-schema")]
-    input_schema: WasmStr,
-    #[component(name = "output-schema")]
-    output_schema: WasmStr,
-    #[component(name = "side-effect")]
-    side_effect: SideEffect,
-    #[component(name = "trust-tier")]
-    trust_tier: WasmStr,
-    #[component(name = "egress-policy")]
-    egress_policy: Option<WasmStr>,
-    tags: WasmList<WasmStr>,
-    #[component(name = "max-wall-time-ms")]
-    max_wall_time_ms: Option<u32>,
+/// What copying an answer within `limits` may cost: its text, plus the host
+/// records of the largest allowed list of nodes with all their tags.
+pub fn describe_budget(limits: &PackLimits) -> usize {
+    let per_node = size_of::<NodeSpec>() + MAX_TAGS * size_of::<String>();
+    limits
+        .max_describe_bytes
+        .saturating_add(limits.max_nodes.saturating_mul(per_node))
 }
 
-#[derive(ComponentType, Lift)]
-#[component(record)]
-struct RawPackInfo {
-    #[component(name = "pack-id")]
-    pack_id: WasmStr,
-    #[component(name = "pack-version")]
-    pack_version: WasmStr,
-    nodes: WasmList<RawNodeSpec>,
-}
-
-/// Calls `describe` on `instance` and copies its answer out within `limits`.
+/// Calls `describe` on `instance`, copying at most [`describe_budget`] bytes.
 pub(crate) async fn describe<T: Send + 'static>(
-    mut store: impl AsContextMut<Data = T>,
+    store: &mut Store<T>,
     instance: &Instance,
     limits: &PackLimits,
 ) -> Result<PackInfo, String> {
-    let func = instance
-        .get_typed_func::<(), (RawPackInfo,)>(&mut store, "describe")
-        .map_err(|e| format!("{e:#}"))?;
-    let (raw,) = func
-        .call_async(&mut store, ())
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    Reader {
-        store: store.as_context_mut(),
-        budget: limits.max_describe_bytes,
-        limits,
-    }
-    .pack(raw)
-}
-
-struct Reader<'l, S> {
-    store: S,
-    /// Bytes the answer may still copy.
-    budget: usize,
-    limits: &'l PackLimits,
-}
-
-impl<T: 'static, S: AsContextMut<Data = T>> Reader<'_, S> {
-    fn pack(mut self, raw: RawPackInfo) -> Result<PackInfo, String> {
-        let count = raw.nodes.len();
-        if count > self.limits.max_nodes {
-            return Err(format!(
-                "declares {count} nodes, more than the limit of {}",
-                self.limits.max_nodes
-            ));
-        }
-        let pack_id = self.string(&raw.pack_id, "pack-id", spec::MAX_ID_BYTES)?;
-        let pack_version =
-            self.string(&raw.pack_version, "pack-version", spec::MAX_VERSION_BYTES)?;
-        let mut nodes = Vec::with_capacity(count);
-        for index in 0..count {
-            let node = raw
-                .nodes
-                .get(&mut self.store, index)
-                .expect("index within the list")
-                .map_err(|e| format!("node #{index}: {e:#}"))?;
-            nodes.push(self.node(node).map_err(|e| format!("node #{index}: {e}"))?);
-        }
-        Ok(PackInfo {
-            pack_id,
-            pack_version,
-            nodes,
-        })
-    }
-
-    fn node(&mut self, raw: RawNodeSpec) -> Result<NodeSpec, String> {
-        let schema = self.limits.max_schema_bytes;
-        let tag_count = raw.tags.len();
-        if tag_count > spec::MAX_TAGS {
-            return Err(format!(
-                "{tag_count} tags, more than the limit of {}",
-                spec::MAX_TAGS
-            ));
-        }
-        let mut tags = Vec::with_capacity(tag_count);
-        for index in 0..tag_count {
-            let tag = raw
-                .tags
-                .get(&mut self.store, index)
-                .expect("index within the list")
-                .map_err(|e| format!("tag #{index}: {e:#}"))?;
-            tags.push(self.string(&tag, "a tag", spec::MAX_TAG_BYTES)?);
-        }
-        Ok(NodeSpec {
-            node_type_id: self.string(&raw.node_type_id, "node-type-id", spec::MAX_ID_BYTES)?,
-            version: self.string(&raw.version, "version", spec::MAX_VERSION_BYTES)?,
-            description: self.string(
-                &raw.description,
-                "description",
-                spec::MAX_DESCRIPTION_BYTES,
-            )?,
-            input_schema: self.string(&raw.input_schema, "input-schema", schema)?,
-            output_schema: self.string(&raw.output_schema, "output-schema", schema)?,
-            side_effect: raw.side_effect,
-            trust_tier: self.string(&raw.trust_tier, "trust-tier", spec::MAX_TRUST_TIER_BYTES)?,
-            egress_policy: raw
-                .egress_policy
-                .map(|p| self.string(&p, "egress-policy", spec::MAX_EGRESS_POLICY_BYTES))
-                .transpose()?,
-            tags,
-            max_wall_time_ms: raw.max_wall_time_ms,
-        })
-    }
-
-    /// Copies one string out of guest memory if it fits both its own limit
-    /// and what is left of the answer's budget.
-    fn string(&mut self, raw: &WasmStr, what: &str, max: usize) -> Result<String, String> {
-        let text = raw
-            .to_str(self.store.as_context())
-            .map_err(|e| format!("{what}: {e:#}"))?;
-        spec::check_len(what, &text, max)?;
-        self.budget = self.budget.checked_sub(text.len()).ok_or_else(|| {
+    let budget = describe_budget(limits);
+    store.set_hostcall_fuel(budget);
+    let bindings = NodePack::new(&mut *store, instance).map_err(|e| format!("{e:#}"))?;
+    bindings.call_describe(&mut *store).await.map_err(|e| {
+        let message = format!("{e:#}");
+        if message.contains("fuel allocated for hostcalls has been exhausted") {
             format!(
-                "the describe answer is more than {} bytes in all",
-                self.limits.max_describe_bytes
+                "the answer is more than {budget} bytes, the limit for {} nodes and {} bytes of text",
+                limits.max_nodes, limits.max_describe_bytes
             )
-        })?;
-        Ok(text.into_owned())
-    }
+        } else {
+            message
+        }
+    })
 }

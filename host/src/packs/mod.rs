@@ -1,4 +1,4 @@
-//! What packs declare: read out of the guest within bounds ([`load`]) and checked ([`spec`]).
+//! What packs declare: copied out of the guest within a budget ([`load`]) and checked ([`spec`]).
 
 pub mod load;
 pub mod spec;

@@ -3,6 +3,8 @@
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
+use jarvis_atomic_executor::packs::load::describe_budget;
+use jarvis_atomic_executor::packs::spec::PackLimits;
 use jarvis_atomic_executor::wasmtime_wat;
 use jarvis_atomic_executor::watpack::{WatNode, WatPack, describe};
 use serde_json::{Value, json};
@@ -284,7 +286,7 @@ fn huge_input_schema(bytes: u32, fill: u8) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pack_of_100000_nodes_is_refused_before_any_is_read() {
+async fn a_pack_of_100000_nodes_is_refused_before_it_is_copied() {
     let t = start(
         config(),
         &[
@@ -302,20 +304,24 @@ async fn a_pack_of_100000_nodes_is_refused_before_any_is_read() {
                     &huge_input_schema(200 << 10, b' '),
                 ),
             ),
+            (
+                "over.wasm",
+                copies_of_the_node(1001, WatNode::new("test.over", "1.0.0"), ""),
+            ),
             ("good.wasm", pack("good", ECHO)),
         ],
     )
     .await;
     assert_eq!(
-        reason(&t, "many.wasm"),
-        "describe failed: declares 100000 nodes, more than the limit of 1000"
+        reason(&t, "over.wasm"),
+        "declares 1001 nodes, more than the limit of 1000"
     );
-    let aliased = reason(&t, "aliased.wasm");
-    assert!(
-        aliased.starts_with("describe failed: node #")
-            && aliased.ends_with("the describe answer is more than 8388608 bytes in all"),
-        "{aliased}"
+    let too_big = format!(
+        "describe failed: the answer is more than {} bytes, the limit for 1000 nodes and 8388608 bytes of text",
+        describe_budget(&PackLimits::default())
     );
+    assert_eq!(reason(&t, "many.wasm"), too_big);
+    assert_eq!(reason(&t, "aliased.wasm"), too_big);
     assert_eq!(served_ids(&t).await, ["jarvis.core.echo", "test.good"]);
     assert_healthy(&t, Duration::from_millis(500)).await;
 }
@@ -365,7 +371,10 @@ async fn a_50_mb_schema_is_refused_and_health_answers_while_it_loads() {
         skipped,
         [(
             "big.wasm".to_owned(),
-            "describe failed: node #0: input-schema is 52428800 bytes, more than 262144".to_owned()
+            format!(
+                "describe failed: the answer is more than {} bytes, the limit for 1000 nodes and 8388608 bytes of text",
+                describe_budget(&PackLimits::default())
+            )
         )]
     );
     let body = client
