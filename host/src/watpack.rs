@@ -87,6 +87,7 @@ pub struct WatPack {
     byte_pages: bool,
     log_import: bool,
     describe_prologue: String,
+    describe_post_return: String,
 }
 
 impl WatPack {
@@ -100,6 +101,7 @@ impl WatPack {
             byte_pages: false,
             log_import: false,
             describe_prologue: String::new(),
+            describe_post_return: String::new(),
         }
     }
 
@@ -130,6 +132,13 @@ impl WatPack {
     /// `(call $sleep (i64.const MILLISECONDS))`.
     pub fn with_sleep(mut self) -> Self {
         self.sleep_import = true;
+        self
+    }
+
+    /// Runs `body` in `describe`'s post-return, after the host has taken
+    /// the answer: a guest may free or reuse that memory then.
+    pub fn with_describe_post_return(mut self, body: &str) -> Self {
+        self.describe_post_return = body.into();
         self
     }
 
@@ -306,6 +315,7 @@ impl WatPack {
       (local.set $info (i32.const {describe_addr}))
       {describe_prologue}
       (local.get $info))
+    (func (export "cabi_post_describe") (param i32) {describe_post_return})
     (func (export "invoke") (param $call i32) (result i32)
       {invoke_body})
     (func (export "cabi_post_invoke") (param i32) (global.set $heap (i32.const {heap_start})))
@@ -329,7 +339,8 @@ impl WatPack {
   (type $node-error' (record (field "code" string) (field "message" string) (field "details" (option string))))
   (export $node-error "node-error" (type $node-error'))
   (func (export "describe") (result $pack-info)
-    (canon lift (core func $i "describe") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))))
+    (canon lift (core func $i "describe") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))
+      (post-return (core func $i "cabi_post_describe"))))
   (func (export "invoke") (param "call" $invocation) (result (result string (error $node-error)))
     (canon lift (core func $i "invoke") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))
       (post-return (core func $i "cabi_post_invoke"))))
@@ -344,6 +355,7 @@ impl WatPack {
             inputs_ptr = call::INPUTS_PTR,
             inputs_len = call::INPUTS_LEN,
             describe_prologue = self.describe_prologue,
+            describe_post_return = self.describe_post_return,
         )
     }
 }

@@ -214,6 +214,20 @@ async fn a_backtracking_pattern_runs_in_linear_time() {
 }
 
 #[tokio::test]
+async fn a_pack_may_reuse_its_answer_memory_once_describe_returned() {
+    // The post-return overwrites every byte of static data, the answer's strings included.
+    let wat = WatPack::new("test.reuse", "1.0.0")
+        .node(WatNode::new("test.reuse", "1.0.0"))
+        .with_describe_post_return(
+            "(memory.fill (i32.const 1024) (i32.const 0xff) (i32.const 4096))",
+        )
+        .to_wat(ECHO);
+    let t = start(config(), &[("reuse.wasm", wasmtime_wat(&wat).unwrap())]).await;
+    assert_eq!(t.server.service.executor.registry().skipped(), []);
+    assert_eq!(served_ids(&t).await, ["jarvis.core.echo", "test.reuse"]);
+}
+
+#[tokio::test]
 async fn the_catalogue_is_one_body_prepared_when_packs_change() {
     let t = start(config(), &[("good.wasm", pack("good", ECHO))]).await;
     let registry = t.server.service.executor.registry();
