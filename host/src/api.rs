@@ -150,11 +150,8 @@ async fn version() -> Response {
 }
 
 async fn node_types(State(executor): State<Arc<Executor>>) -> Response {
-    let types = executor.registry().node_types();
-    json_response(
-        StatusCode::OK,
-        serde_json::to_vec(&types).expect("node types serialize"),
-    )
+    // Prepared when the served nodes last changed: a refcount bump here.
+    json_response(StatusCode::OK, executor.registry().catalogue())
 }
 
 async fn execute(

@@ -9,6 +9,7 @@ use clap::Parser;
 use jarvis_auth::AuthSettings;
 
 use crate::executor::ExecutorConfig;
+use crate::packs::spec::PackLimits;
 use crate::runtime::RuntimeLimits;
 
 /// Raw arguments, as typed. Environment variables use the names the Python
@@ -75,6 +76,26 @@ pub struct Args {
     #[arg(long, env = "JARVIS_NO_COMPILE_CACHE")]
     pub no_compile_cache: bool,
 
+    /// Nodes one pack may declare; a pack declaring more is skipped.
+    #[arg(long, env = "JARVIS_MAX_NODES_PER_PACK", default_value_t = 1000)]
+    pub max_nodes_per_pack: usize,
+
+    /// Size of one input or output schema's text, in KiB.
+    #[arg(long, env = "JARVIS_MAX_SCHEMA_KIB", default_value_t = 256)]
+    pub max_schema_kib: usize,
+
+    /// Size of all the text one pack's `describe` returns, in MiB.
+    #[arg(long, env = "JARVIS_MAX_DESCRIBE_MIB", default_value_t = 8)]
+    pub max_describe_mib: usize,
+
+    /// Nesting of subschemas in one schema, `$ref`s followed.
+    #[arg(long, env = "JARVIS_MAX_SCHEMA_DEPTH", default_value_t = 64)]
+    pub max_schema_depth: usize,
+
+    /// Subschemas of one schema with every `$ref` inlined.
+    #[arg(long, env = "JARVIS_MAX_SCHEMA_NODES", default_value_t = 10_000)]
+    pub max_schema_nodes: u64,
+
     /// Seconds to let in-flight requests finish after SIGTERM or ctrl-c.
     #[arg(long, env = "JARVIS_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -88,6 +109,8 @@ pub struct Config {
     pub packs_dir: Option<PathBuf>,
     pub executor: ExecutorConfig,
     pub runtime: RuntimeLimits,
+    /// Bounds on what a pack may declare.
+    pub pack_limits: PackLimits,
     pub compile_cache_dir: Option<PathBuf>,
     pub shutdown_grace: Duration,
     /// Inbound authentication, from the `ARP_AUTH_*` variables.
@@ -146,6 +169,26 @@ impl Args {
                 self.max_memory_mib
             ));
         }
+        for (name, value, max) in [
+            (
+                "JARVIS_MAX_NODES_PER_PACK",
+                self.max_nodes_per_pack,
+                100_000,
+            ),
+            ("JARVIS_MAX_SCHEMA_KIB", self.max_schema_kib, 64 << 10),
+            ("JARVIS_MAX_DESCRIBE_MIB", self.max_describe_mib, 1024),
+            ("JARVIS_MAX_SCHEMA_DEPTH", self.max_schema_depth, 1024),
+        ] {
+            if value == 0 || value > max {
+                return Err(format!("{name} must be between 1 and {max}, got {value}"));
+            }
+        }
+        if self.max_schema_nodes == 0 || self.max_schema_nodes > 10_000_000 {
+            return Err(format!(
+                "JARVIS_MAX_SCHEMA_NODES must be between 1 and 10000000, got {}",
+                self.max_schema_nodes
+            ));
+        }
         let compile_cache_dir = if self.no_compile_cache {
             None
         } else {
@@ -167,6 +210,13 @@ impl Args {
                 max_memory_bytes: self.max_memory_mib << 20,
                 max_instances: u32::try_from(max_concurrency).unwrap_or(u32::MAX),
                 max_log_lines: self.max_guest_log_lines,
+            },
+            pack_limits: PackLimits {
+                max_nodes: self.max_nodes_per_pack,
+                max_schema_bytes: self.max_schema_kib << 10,
+                max_describe_bytes: self.max_describe_mib << 20,
+                max_schema_depth: self.max_schema_depth,
+                max_schema_nodes: self.max_schema_nodes,
             },
             compile_cache_dir,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

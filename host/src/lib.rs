@@ -7,6 +7,8 @@
 //! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
 //! - [`runtime`]: wasmtime engine, epoch ticker, store state and host grants.
 //! - [`registry`]: loads packs, asks them to describe themselves, indexes nodes.
+//! - [`packs`]: what a pack declares, read within bounds and checked (`spec`).
+//! - [`grants`]: host interfaces granted to packs (the guest `log`).
 //! - [`executor`]: admission, sandboxed execution, limits, cancel, retries.
 //! - [`api`]: the HTTP API and its ARP error envelopes.
 //! - [`watpack`]: packs written as WAT (the built-in echo, test guests).
@@ -14,6 +16,8 @@
 pub mod api;
 pub mod config;
 pub mod executor;
+pub mod grants;
+pub mod packs;
 pub mod registry;
 pub mod runtime;
 pub mod watpack;
@@ -49,7 +53,11 @@ impl Service {
         limits.max_instances = limits.max_instances.saturating_add(SPARE_INSTANCES);
         let engine = runtime::build_engine(&limits, config.compile_cache_dir.as_deref())?;
         let ticker = EpochTicker::start(engine.clone());
-        let registry = Arc::new(PackRegistry::new(engine, limits)?);
+        let registry = Arc::new(PackRegistry::new(
+            engine,
+            limits,
+            config.pack_limits.clone(),
+        )?);
         let builtin = wasmtime_wat(&watpack::builtin_echo_wat())?;
         registry
             .load_bytes(BUILTIN_SOURCE, &builtin)

@@ -23,10 +23,26 @@ fn main() -> ExitCode {
                 .to_lowercase(),
         )
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let json = match std::env::var("LOG_FORMAT").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("text") => false,
+        Ok("json") => true,
+        Ok(other) => {
+            eprintln!("jarvis-atomic-executor: LOG_FORMAT must be `text` or `json`, got {other:?}");
+            return ExitCode::from(2);
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            eprintln!("jarvis-atomic-executor: LOG_FORMAT must be `text` or `json`");
+            return ExitCode::from(2);
+        }
+    };
+    // Guest text is escaped for the text format and left as data for JSON.
+    jarvis_atomic_executor::grants::log::set_json_format(json);
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::stdout().is_terminal()).init();
+    }
 
     let config = match Args::parse().validate() {
         Ok(config) => config,

@@ -8,17 +8,19 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use arp_types::{ConstraintEnvelope, Extensions, JsonObject, NodeKind, NodeType};
-use serde_json::Value;
+use arp_types::{ConstraintEnvelope, Extensions, NodeKind, NodeType};
+use bytes::Bytes;
 use tokio::sync::watch;
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
+use crate::grants::log::Sanitized;
+use crate::packs::spec::{self, PackLimits};
 use crate::runtime::{RuntimeLimits, StoreState, new_store};
-use crate::world::{InvokeExport, NodePack, NodePackPre, NodeSpec, SideEffect};
+use crate::world::{InvokeExport, NodePackPre, NodeSpec, PackInfo, SideEffect};
 
 /// Longest a pack's `describe` may run at load time.
 const DESCRIBE_TIME_LIMIT: Duration = Duration::from_secs(10);
@@ -37,6 +39,8 @@ pub enum PackLoadError {
     WrongWorld(String),
     #[error("describe failed: {0}")]
     Describe(String),
+    #[error("{0}")]
+    InvalidPack(String),
     #[error("node {node}: {reason}")]
     InvalidNode { node: String, reason: String },
     #[error("declares {node} {version}, already served by {other}")]
@@ -76,8 +80,8 @@ pub struct NodeEntry {
     pub max_wall_time: Option<Duration>,
     pub input_schema: jsonschema::Validator,
     pub output_schema: jsonschema::Validator,
-    /// How `GET /v1/node-types` presents the node.
-    pub node_type: NodeType,
+    /// How `GET /v1/node-types` presents the node, serialised once at load.
+    catalogue_json: Box<str>,
 }
 
 /// Result of looking a node up.
@@ -93,14 +97,28 @@ pub enum Lookup {
 
 type NodeIndex = HashMap<String, Vec<Arc<NodeEntry>>>;
 
+/// The served nodes and the `GET /v1/node-types` body listing them, swapped
+/// in together so that a request for the catalogue only bumps a refcount.
+#[derive(Default)]
+struct Snapshot {
+    nodes: NodeIndex,
+    catalogue: Bytes,
+}
+
 /// Every node the executor serves.
 pub struct PackRegistry {
     engine: Engine,
     linker: Linker<StoreState>,
     limits: RuntimeLimits,
-    index: RwLock<Arc<NodeIndex>>,
+    pack_limits: PackLimits,
+    index: RwLock<Arc<Snapshot>>,
+    /// Held by whoever builds the next snapshot, so readers of the current one
+    /// never wait for the catalogue to be rebuilt.
+    writer: Mutex<()>,
     /// Pack files still loading.
     pending: watch::Sender<usize>,
+    /// Files skipped, with their reasons (one entry per file).
+    skipped: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for PackRegistry {
@@ -112,15 +130,26 @@ impl std::fmt::Debug for PackRegistry {
 }
 
 impl PackRegistry {
-    pub fn new(engine: Engine, limits: RuntimeLimits) -> anyhow::Result<Self> {
+    pub fn new(
+        engine: Engine,
+        limits: RuntimeLimits,
+        pack_limits: PackLimits,
+    ) -> anyhow::Result<Self> {
         let mut linker = Linker::new(&engine);
         crate::runtime::add_grants(&mut linker)?;
+        let empty = Snapshot {
+            nodes: HashMap::new(),
+            catalogue: Bytes::from_static(b"[]"),
+        };
         Ok(Self {
             engine,
             linker,
             limits,
-            index: RwLock::new(Arc::new(HashMap::new())),
+            pack_limits,
+            index: RwLock::new(Arc::new(empty)),
+            writer: Mutex::new(()),
             pending: watch::channel(0).0,
+            skipped: Mutex::new(Vec::new()),
         })
     }
 
@@ -173,15 +202,35 @@ impl PackRegistry {
             tokio::spawn(async move {
                 // Counted down even if loading panics, so lookups never wait in vain.
                 let _done = PendingGuard(&registry.pending);
+                let file = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 match registry.load_file(&path).await {
                     Ok(nodes) => {
-                        tracing::info!(file = %path.display(), nodes = ?nodes, "pack loaded")
+                        tracing::info!(file = %Sanitized(&file), nodes = ?nodes, "pack loaded")
                     }
-                    Err(e) => tracing::error!(file = %path.display(), reason = %e, "pack skipped"),
+                    Err(e) => registry.skip(file, e.to_string()),
                 }
             });
         }
         count
+    }
+
+    /// Logs a skipped file and remembers why.
+    fn skip(&self, file: String, reason: String) {
+        tracing::error!(file = %Sanitized(&file), reason = %Sanitized(&reason), "pack skipped");
+        let mut skipped = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
+        skipped.retain(|(f, _)| *f != file);
+        skipped.push((file, reason));
+    }
+
+    /// Files skipped so far, each with the reason.
+    pub fn skipped(&self) -> Vec<(String, String)> {
+        self.skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Pack files not yet loaded (or skipped).
@@ -197,7 +246,7 @@ impl PackRegistry {
 
     pub fn lookup(&self, node_type_id: &str, version: &str) -> Lookup {
         let index = self.snapshot();
-        let Some(entries) = index.get(node_type_id) else {
+        let Some(entries) = index.nodes.get(node_type_id) else {
             return Lookup::UnknownNode;
         };
         match entries.iter().find(|e| e.version == version) {
@@ -208,19 +257,13 @@ impl PackRegistry {
         }
     }
 
-    /// Every served node, sorted by id then version.
-    pub fn node_types(&self) -> Vec<NodeType> {
-        let index = self.snapshot();
-        let mut all: Vec<NodeType> = index
-            .values()
-            .flatten()
-            .map(|e| e.node_type.clone())
-            .collect();
-        all.sort_by(|a, b| (&a.node_type_id, &a.version).cmp(&(&b.node_type_id, &b.version)));
-        all
+    /// `GET /v1/node-types`: every served node as a JSON array, sorted by id
+    /// then version, built when the served nodes last changed.
+    pub fn catalogue(&self) -> Bytes {
+        self.snapshot().catalogue.clone()
     }
 
-    fn snapshot(&self) -> Arc<NodeIndex> {
+    fn snapshot(&self) -> Arc<Snapshot> {
         self.index.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -235,6 +278,7 @@ impl PackRegistry {
             .map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
         let pre = NodePackPre::new(pre).map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
         let (info, invoke) = self.describe(&pre).await?;
+        spec::check_pack(&info, &self.pack_limits).map_err(PackLoadError::InvalidPack)?;
         let pack = Arc::new(LoadedPack {
             source: source.to_owned(),
             pack_id: info.pack_id.clone(),
@@ -242,21 +286,25 @@ impl PackRegistry {
             pre,
             invoke,
         });
-        if info.pack_id.trim().is_empty() {
-            return Err(PackLoadError::Describe("empty pack-id".into()));
-        }
-        let entries = info
-            .nodes
-            .into_iter()
-            .map(|spec| node_entry(&pack, spec).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Parsing and compiling up to megabytes of schemas is CPU work: it
+        // runs where it cannot hold up the API's requests.
+        let limits = self.pack_limits.clone();
+        let loaded = pack.clone();
+        let entries = tokio::task::spawn_blocking(move || {
+            info.nodes
+                .into_iter()
+                .map(|spec| node_entry(&loaded, spec, &limits).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| PackLoadError::Describe(format!("checking the nodes failed: {e}")))??;
         self.insert(&pack, entries)
     }
 
     async fn describe(
         &self,
         pre: &NodePackPre<StoreState>,
-    ) -> Result<(crate::world::PackInfo, InvokeExport), PackLoadError> {
+    ) -> Result<(PackInfo, InvokeExport), PackLoadError> {
         let state = StoreState::new(
             &self.limits,
             Arc::from("<describe>"),
@@ -265,15 +313,20 @@ impl PackRegistry {
         let deadline = std::time::Instant::now() + DESCRIBE_TIME_LIMIT;
         let mut store = new_store(&self.engine, state, deadline, None);
         let call = async {
-            let instance = pre.instance_pre().instantiate_async(&mut store).await?;
-            let invoke = InvokeExport::check(&mut store, &instance)?;
-            let bindings = NodePack::new(&mut store, &instance)?;
-            let info = bindings.call_describe(&mut store).await?;
-            Ok::<_, wasmtime::Error>((info, invoke))
+            let instance = pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| PackLoadError::Describe(format!("{e:#}")))?;
+            let invoke = InvokeExport::check(&mut store, &instance)
+                .map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
+            let info = crate::packs::load::describe(&mut store, &instance, &self.pack_limits)
+                .await
+                .map_err(PackLoadError::Describe)?;
+            Ok::<_, PackLoadError>((info, invoke))
         };
         match tokio::time::timeout(DESCRIBE_TIME_LIMIT, call).await {
-            Ok(Ok(described)) => Ok(described),
-            Ok(Err(e)) => Err(PackLoadError::Describe(format!("{e:#}"))),
+            Ok(described) => described,
             Err(_) => Err(PackLoadError::Describe(format!(
                 "did not return within {DESCRIBE_TIME_LIMIT:?}"
             ))),
@@ -288,8 +341,8 @@ impl PackRegistry {
         pack: &Arc<LoadedPack>,
         entries: Vec<Arc<NodeEntry>>,
     ) -> Result<Vec<String>, PackLoadError> {
-        let mut guard = self.index.write().unwrap_or_else(|e| e.into_inner());
-        let mut index = (**guard).clone();
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut index = self.snapshot().nodes.clone();
         let mut evict: Vec<String> = Vec::new();
         for entry in &entries {
             let Some(existing) = index
@@ -300,7 +353,7 @@ impl PackRegistry {
             };
             let other = &existing.pack.source;
             if other == BUILTIN_SOURCE {
-                tracing::info!(node = %entry.node_type_id, version = %entry.version, file = %pack.source, "pack replaces the built-in node");
+                tracing::info!(node = %entry.node_type_id, version = %entry.version, file = %Sanitized(&pack.source), "pack replaces the built-in node");
             } else if *other > pack.source {
                 evict.push(other.clone());
             } else {
@@ -312,7 +365,10 @@ impl PackRegistry {
             }
         }
         for source in &evict {
-            tracing::error!(file = %source, reason = %format!("declares a node also served by {}", pack.source), "pack skipped");
+            self.skip(
+                source.clone(),
+                format!("declares a node also served by {}", pack.source),
+            );
         }
         for list in index.values_mut() {
             list.retain(|e| !evict.contains(&e.pack.source));
@@ -326,9 +382,36 @@ impl PackRegistry {
             list.sort_by(|a, b| version_order(&a.version, &b.version));
         }
         index.retain(|_, list| !list.is_empty());
-        *guard = Arc::new(index);
+        let catalogue = catalogue(&index);
+        let next = Arc::new(Snapshot {
+            nodes: index,
+            catalogue,
+        });
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(names)
     }
+}
+
+/// The JSON array of every node in `index`, sorted by id then version, joined
+/// from the entries' serialised forms.
+fn catalogue(index: &NodeIndex) -> Bytes {
+    let mut ids: Vec<&String> = index.keys().collect();
+    ids.sort();
+    let entries = ids.iter().flat_map(|id| &index[*id]);
+    let len = entries
+        .clone()
+        .map(|e| e.catalogue_json.len() + 1)
+        .sum::<usize>();
+    let mut body = Vec::with_capacity(len + 2);
+    body.push(b'[');
+    for (i, entry) in entries.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(entry.catalogue_json.as_bytes());
+    }
+    body.push(b']');
+    Bytes::from(body)
 }
 
 struct PendingGuard<'a>(&'a watch::Sender<usize>);
@@ -361,28 +444,16 @@ fn list_packs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn node_entry(pack: &Arc<LoadedPack>, spec: NodeSpec) -> Result<NodeEntry, PackLoadError> {
-    let invalid = |reason: String| PackLoadError::InvalidNode {
-        node: spec.node_type_id.clone(),
-        reason,
-    };
-    if spec.node_type_id.trim().is_empty() {
-        return Err(PackLoadError::Describe(
-            "a node has an empty node-type-id".into(),
-        ));
-    }
-    if spec.version.trim().is_empty() {
-        return Err(invalid("empty version".into()));
-    }
-    let input =
-        parse_schema(&spec.input_schema).map_err(|e| invalid(format!("input-schema: {e}")))?;
-    let output =
-        parse_schema(&spec.output_schema).map_err(|e| invalid(format!("output-schema: {e}")))?;
-    let input_schema = jsonschema::validator_for(&Value::Object(input.clone()))
-        .map_err(|e| invalid(format!("input-schema is not a valid JSON Schema: {e}")))?;
-    let output_schema = jsonschema::validator_for(&Value::Object(output.clone()))
-        .map_err(|e| invalid(format!("output-schema is not a valid JSON Schema: {e}")))?;
-
+fn node_entry(
+    pack: &Arc<LoadedPack>,
+    spec: NodeSpec,
+    limits: &PackLimits,
+) -> Result<NodeEntry, PackLoadError> {
+    let spec::CheckedNode { input, output } =
+        spec::check_node(&spec, limits).map_err(|reason| PackLoadError::InvalidNode {
+            node: spec::quote(&spec.node_type_id),
+            reason,
+        })?;
     let side_effect = match spec.side_effect {
         SideEffect::Read => "read",
         SideEffect::Write => "write",
@@ -411,14 +482,17 @@ fn node_entry(pack: &Arc<LoadedPack>, spec: NodeSpec) -> Result<NodeEntry, PackL
         version: spec.version.clone(),
         kind: NodeKind::Atomic,
         description: Some(spec.description.clone()),
-        input_schema: Some(input),
-        output_schema: Some(output),
+        input_schema: Some(input.value),
+        output_schema: Some(output.value),
         constraints,
         evaluation: None,
         preferred_executor_types: None,
         metadata: None,
         extensions: Some(extensions),
     };
+    let catalogue_json = serde_json::to_string(&node_type)
+        .expect("node types serialize")
+        .into_boxed_str();
     Ok(NodeEntry {
         pack: pack.clone(),
         node_type_id: Arc::from(spec.node_type_id.as_str()),
@@ -426,18 +500,10 @@ fn node_entry(pack: &Arc<LoadedPack>, spec: NodeSpec) -> Result<NodeEntry, PackL
         max_wall_time: spec
             .max_wall_time_ms
             .map(|ms| Duration::from_millis(ms.into())),
-        input_schema,
-        output_schema,
-        node_type,
+        input_schema: input.validator,
+        output_schema: output.validator,
+        catalogue_json,
     })
-}
-
-fn parse_schema(text: &str) -> Result<JsonObject, String> {
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err("must be a JSON object".into()),
-        Err(e) => Err(format!("not JSON: {e}")),
-    }
 }
 
 /// Orders versions by their dot-separated parts, numerically where both

@@ -290,44 +290,15 @@ impl log::Host for StoreState {
             return Ok(());
         }
         self.logs_left -= 1;
-        let message = truncate(&message, 4096);
-        let fields = fields
-            .iter()
-            .take(32)
-            .map(|f| format!("{}={}", truncate(&f.key, 64), truncate(&f.value, 512)))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let (run, node) = (&*self.node_run_id, &*self.node_type_id);
-        match level {
-            log::Level::Trace => {
-                tracing::trace!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
-            }
-            log::Level::Debug => {
-                tracing::debug!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
-            }
-            log::Level::Info => {
-                tracing::info!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
-            }
-            log::Level::Warn => {
-                tracing::warn!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
-            }
-            log::Level::Error => {
-                tracing::error!(target: "pack", node_run_id = run, node_type_id = node, %fields, "{message}")
-            }
-        }
+        crate::grants::log::emit(
+            level,
+            &self.node_run_id,
+            &self.node_type_id,
+            &message,
+            &fields,
+        );
         Ok(())
     }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 impl clock::Host for StoreState {

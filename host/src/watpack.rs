@@ -23,6 +23,19 @@ pub mod call {
     pub const NODE_RUN_ID: u32 = 32;
 }
 
+/// Byte offsets in the `pack-info` record `describe` returns, and in each
+/// `node-spec` of its list (canonical ABI), for [`WatPack::with_describe`].
+pub mod describe {
+    pub const NODES_PTR: u32 = 16;
+    pub const NODES_LEN: u32 = 20;
+    /// Size of one `node-spec` record.
+    pub const NODE_SIZE: u32 = 80;
+    pub const NODE_TYPE_ID: u32 = 0;
+    pub const DESCRIPTION: u32 = 16;
+    pub const INPUT_SCHEMA: u32 = 24;
+    pub const OUTPUT_SCHEMA: u32 = 32;
+}
+
 /// Where static data starts; below it, the result area of `invoke`.
 const DATA_BASE: u32 = 1024;
 const RESULT_AREA: u32 = 64;
@@ -72,6 +85,9 @@ pub struct WatPack {
     image: Vec<u8>,
     sleep_import: bool,
     byte_pages: bool,
+    log_import: bool,
+    describe_prologue: String,
+    describe_post_return: String,
 }
 
 impl WatPack {
@@ -83,7 +99,20 @@ impl WatPack {
             image: Vec::new(),
             sleep_import: false,
             byte_pages: false,
+            log_import: false,
+            describe_prologue: String::new(),
+            describe_post_return: String::new(),
         }
+    }
+
+    /// Runs `body` in `describe` before it returns: the `pack-info` laid out
+    /// from the declared nodes is at `(local.get $info)` (offsets in
+    /// [`describe`]), and locals `$i`, `$p` (i32) are free, so a hostile
+    /// pack can rewrite its answer at run time (thousands of nodes, huge
+    /// strings) without a huge data segment.
+    pub fn with_describe(mut self, body: &str) -> Self {
+        self.describe_prologue = body.into();
+        self
     }
 
     /// Declares the linear memory with 1-byte pages (the custom-page-sizes
@@ -103,6 +132,24 @@ impl WatPack {
     /// `(call $sleep (i64.const MILLISECONDS))`.
     pub fn with_sleep(mut self) -> Self {
         self.sleep_import = true;
+        self
+    }
+
+    /// Runs `body` in `describe`'s post-return, after the host has taken
+    /// the answer: a guest may free or reuse that memory then.
+    pub fn with_describe_post_return(mut self, body: &str) -> Self {
+        self.describe_post_return = body.into();
+        self
+    }
+
+    /// Imports `jarvis:node/log.log`, callable in `invoke` as `(call $log
+    /// (level) (msg_ptr) (msg_len) (fields_ptr) (fields_count))`, where
+    /// level is 0 trace .. 4 error and each field is four i32s (key ptr,
+    /// key len, value ptr, value len). The memory then lives in a core
+    /// module of its own, which the lowered import needs before the main
+    /// module exists.
+    pub fn with_log(mut self) -> Self {
+        self.log_import = true;
         self
     }
 
@@ -179,24 +226,57 @@ impl WatPack {
         for b in &pack.image {
             let _ = write!(escaped, "\\{b:02x}");
         }
-        let (component_imports, module_import, instantiate) = if self.sleep_import {
-            (
+        let mut component_imports = String::new();
+        let mut module_imports = String::new();
+        let mut host_exports = String::new();
+        if self.sleep_import {
+            component_imports.push_str(
                 r#"(import "jarvis:node/timer@0.1.0" (instance $timer (export "sleep" (func (param "duration-ms" u64)))))
   (alias export $timer "sleep" (func $sleep_f))
-  (core func $sleep_lowered (canon lower (func $sleep_f)))
-  (core instance $host (export "sleep" (func $sleep_lowered)))"#,
-                r#"(import "host" "sleep" (func $sleep (param i64)))"#,
-                r#"(core instance $i (instantiate $m (with "host" (instance $host))))"#,
-            )
+  (core func $sleep_lowered (canon lower (func $sleep_f)))"#,
+            );
+            module_imports.push_str(r#"(import "host" "sleep" (func $sleep (param i64)))"#);
+            host_exports.push_str(r#" (export "sleep" (func $sleep_lowered))"#);
+        }
+        let memory_decl = if self.log_import {
+            let _ = write!(
+                component_imports,
+                r#"
+  (import "jarvis:node/log@0.1.0" (instance $log
+    (type $level' (enum "trace" "debug" "info" "warn" "error"))
+    (export "level" (type $level (eq $level')))
+    (type $field' (record (field "key" string) (field "value" string)))
+    (export "field" (type $field (eq $field')))
+    (export "log" (func (param "level" $level) (param "message" string) (param "fields" (list $field))))))
+  (alias export $log "log" (func $log_f))
+  (core module $memory_m (memory (export "memory") {memory}))
+  (core instance $memory_i (instantiate $memory_m))
+  (alias core export $memory_i "memory" (core memory $shared_memory))
+  (core func $log_lowered (canon lower (func $log_f) (memory $shared_memory)))"#
+            );
+            module_imports
+                .push_str(r#"(import "host" "log" (func $log (param i32 i32 i32 i32 i32)))"#);
+            host_exports.push_str(
+                r#" (export "log" (func $log_lowered)) (export "memory" (memory $shared_memory))"#,
+            );
+            format!(r#"(memory (export "memory") (import "host" "memory") {memory})"#)
         } else {
-            ("", "", r#"(core instance $i (instantiate $m))"#)
+            format!(r#"(memory (export "memory") {memory})"#)
+        };
+        let instantiate = if host_exports.is_empty() {
+            r#"(core instance $i (instantiate $m))"#.to_owned()
+        } else {
+            format!(
+                r#"(core instance $host{host_exports})
+  (core instance $i (instantiate $m (with "host" (instance $host))))"#
+            )
         };
         format!(
             r#"(component
   {component_imports}
   (core module $m
-    {module_import}
-    (memory (export "memory") {memory})
+    {module_imports}
+    {memory_decl}
     (data (i32.const {DATA_BASE}) "{escaped}")
     (global $heap (mut i32) (i32.const {heap_start}))
     (func $realloc (export "cabi_realloc") (param $old i32) (param $old_size i32) (param $align i32) (param $size i32) (result i32)
@@ -231,7 +311,11 @@ impl WatPack {
       (i32.store (i32.const {r16}) (local.get $msg_len))
       (i32.store8 (i32.const {r20}) (i32.const 0))
       (i32.const {RESULT_AREA}))
-    (func (export "describe") (result i32) (i32.const {describe_addr}))
+    (func (export "describe") (result i32) (local $info i32) (local $i i32) (local $p i32)
+      (local.set $info (i32.const {describe_addr}))
+      {describe_prologue}
+      (local.get $info))
+    (func (export "cabi_post_describe") (param i32) {describe_post_return})
     (func (export "invoke") (param $call i32) (result i32)
       {invoke_body})
     (func (export "cabi_post_invoke") (param i32) (global.set $heap (i32.const {heap_start})))
@@ -255,7 +339,8 @@ impl WatPack {
   (type $node-error' (record (field "code" string) (field "message" string) (field "details" (option string))))
   (export $node-error "node-error" (type $node-error'))
   (func (export "describe") (result $pack-info)
-    (canon lift (core func $i "describe") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))))
+    (canon lift (core func $i "describe") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))
+      (post-return (core func $i "cabi_post_describe"))))
   (func (export "invoke") (param "call" $invocation) (result (result string (error $node-error)))
     (canon lift (core func $i "invoke") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))
       (post-return (core func $i "cabi_post_invoke"))))
@@ -269,6 +354,8 @@ impl WatPack {
             step_round = !(step - 1) as i32,
             inputs_ptr = call::INPUTS_PTR,
             inputs_len = call::INPUTS_LEN,
+            describe_prologue = self.describe_prologue,
+            describe_post_return = self.describe_post_return,
         )
     }
 }
