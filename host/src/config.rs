@@ -45,6 +45,10 @@ pub struct Args {
     #[arg(long, env = "JARVIS_PACKS_RESCAN_SECS", default_value_t = 5)]
     pub packs_rescan_secs: u64,
 
+    /// Size of one pack file, in MiB; a larger file is skipped unread.
+    #[arg(long, env = "JARVIS_MAX_PACK_FILE_MIB", default_value_t = 256)]
+    pub max_pack_file_mib: u64,
+
     /// Time limit of an execution, in seconds, unless the request or the
     /// node asks for less.
     #[arg(long, env = "JARVIS_DEFAULT_TIMEOUT_SECS", default_value_t = 30.0)]
@@ -215,6 +219,12 @@ impl Args {
                 self.packs_rescan_secs
             ));
         }
+        if self.max_pack_file_mib == 0 || self.max_pack_file_mib > 4096 {
+            return Err(format!(
+                "JARVIS_MAX_PACK_FILE_MIB must be between 1 and 4096, got {}",
+                self.max_pack_file_mib
+            ));
+        }
         let compile_cache_dir = if self.no_compile_cache {
             None
         } else {
@@ -227,6 +237,7 @@ impl Args {
             watch: WatchSettings {
                 settle: Duration::from_millis(self.packs_settle_ms),
                 rescan: Duration::from_secs(self.packs_rescan_secs),
+                max_file_bytes: self.max_pack_file_mib << 20,
             },
             executor: ExecutorConfig {
                 default_timeout,

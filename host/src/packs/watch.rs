@@ -19,6 +19,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::registry::PackRegistry;
+
+/// Packs compiling and describing at once: compilation is CPU-bound and
+/// already parallel, and each `describe` takes an instance from the pool.
+const MAX_CONCURRENT_LOADS: usize = 4;
 use crate::grants::log::Sanitized;
 
 /// How the packs directory is watched.
@@ -29,6 +33,8 @@ pub struct WatchSettings {
     pub settle: Duration,
     /// How often the whole directory is listed even without events.
     pub rescan: Duration,
+    /// Size of one pack file; a larger one is skipped unread.
+    pub max_file_bytes: u64,
 }
 
 impl Default for WatchSettings {
@@ -36,6 +42,7 @@ impl Default for WatchSettings {
         Self {
             settle: Duration::from_millis(500),
             rescan: Duration::from_secs(5),
+            max_file_bytes: 256 << 20,
         }
     }
 }
@@ -246,21 +253,34 @@ impl DirWatch {
     /// Loads `names` side by side, each counted as pending until done.
     async fn load(&self, names: Vec<String>, reload: bool) {
         let mut loads = JoinSet::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LOADS));
         for name in names {
             let registry = self.registry.clone();
             let path = self.dir.join(&name);
+            let slots = slots.clone();
+            let max_bytes = self.settings.max_file_bytes;
             loads.spawn(async move {
                 let _done = registry.loading_guard();
-                load_one(&registry, &name, &path, reload).await;
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return;
+                };
+                load_one(&registry, &name, &path, max_bytes, reload).await;
             });
         }
         while loads.join_next().await.is_some() {}
     }
 }
 
-async fn load_one(registry: &PackRegistry, name: &str, path: &Path, reload: bool) {
-    let bytes = match tokio::fs::read(path).await {
-        Ok(bytes) => bytes,
+async fn load_one(registry: &PackRegistry, name: &str, path: &Path, max_bytes: u64, reload: bool) {
+    let bytes = match read_at_most(path, max_bytes).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
+            registry.record_failure(
+                name,
+                format!("the file is larger than the limit of {max_bytes} bytes"),
+            );
+            return;
+        }
         // Gone since it was listed: the next scan removes it.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
         Err(e) => {
@@ -294,6 +314,25 @@ async fn load_one(registry: &PackRegistry, name: &str, path: &Path, reload: bool
         }
         Err(e) => registry.record_failure(name, e.to_string()),
     }
+}
+
+/// The file's bytes, or `None` if it holds more than `max` (checked while
+/// reading: the file may grow after it was listed).
+async fn read_at_most(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let file = std::fs::File::open(&path)?;
+        let len = file.metadata()?.len();
+        if len > max {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+        Ok((bytes.len() as u64 <= max).then_some(bytes))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Every `*.wasm` file in `dir` (links followed) with its size and mtime.

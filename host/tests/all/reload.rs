@@ -305,3 +305,19 @@ async fn shutdown_stops_the_watcher() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_outcome(&run(&t, "after").await, "failed", Some("unknown_node_type"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pack_file_over_the_size_limit_is_skipped_unread() {
+    let mut cfg = reload_config();
+    let good = returning("big", r#"{"v":1}"#);
+    cfg.watch.max_file_bytes = good.len() as u64 - 1;
+    let t = start(cfg, &[("big.wasm", good)]).await;
+    let skipped = t.server.service.executor.registry().skipped();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(
+        skipped[0].1.contains("larger than the limit"),
+        "{skipped:?}"
+    );
+    assert_eq!(health(&t).await["status"], "degraded");
+    assert_outcome(&run(&t, "big").await, "failed", Some("unknown_node_type"));
+}
