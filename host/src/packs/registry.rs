@@ -294,7 +294,13 @@ impl PackRegistry {
             builtin: source == BUILTIN_SOURCE,
             nodes: &loaded.nodes,
         }));
-        for s in nodes.shadowed() {
+        let before = self.snapshot();
+        // Logged when they start, not again at every change.
+        for s in nodes
+            .shadowed()
+            .iter()
+            .filter(|s| !before.nodes.shadowed().contains(s))
+        {
             tracing::warn!(file = %Sanitized(&s.source), node = %s.node, version = %s.version, served_by = %Sanitized(&s.by), "pack node shadowed");
         }
         let catalogue = catalogue(&nodes);

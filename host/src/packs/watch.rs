@@ -60,11 +60,11 @@ impl PackWatcher {
     /// them, then loads them and keeps watching. Must run inside a tokio
     /// runtime.
     pub fn start(registry: Arc<PackRegistry>, dir: PathBuf, settings: WatchSettings) -> Self {
-        let initial = match list(&dir) {
-            Ok(files) => files,
+        let (initial, listing_failed) = match list(&dir) {
+            Ok(files) => (files, false),
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot read the packs directory; serving built-ins until it appears");
-                Vec::new()
+                (Vec::new(), true)
             }
         };
         tracing::info!(dir = %dir.display(), files = initial.len(), "loading packs");
@@ -73,17 +73,17 @@ impl PackWatcher {
         let events = notify_watcher(&dir, wake.clone());
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
-            // Owned by the task: events stop when it ends.
-            let _events = events;
             let mut watch = DirWatch {
                 registry,
                 dir,
                 settings,
                 files: HashMap::new(),
-                listing_failed: false,
+                listing_failed,
+                wake,
+                events,
             };
             watch.load_initial(initial).await;
-            watch.run(wake, stopped).await;
+            watch.run(stopped).await;
         });
         Self {
             stop: Some(stop),
@@ -113,6 +113,10 @@ impl Drop for PackWatcher {
 /// Wakes the scanner on any change in `dir`. Without it (no watcher on this
 /// platform, or the directory is missing) the periodic rescan still works.
 fn notify_watcher(dir: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    if !dir.is_dir() {
+        // Reported by the listing; the watcher is set up when it appears.
+        return None;
+    }
     let handler = move |event: notify::Result<notify::Event>| {
         // Our own reads of the directory and its files are no change.
         if let Ok(event) = &event
@@ -158,6 +162,10 @@ struct DirWatch {
     files: HashMap<String, Tracked>,
     /// Whether the last listing failed, so the warning is logged once.
     listing_failed: bool,
+    wake: Arc<Notify>,
+    /// Owned here, so events stop when the task ends. `None` until the
+    /// directory can be watched.
+    events: Option<notify::RecommendedWatcher>,
 }
 
 impl DirWatch {
@@ -179,7 +187,8 @@ impl DirWatch {
             .await;
     }
 
-    async fn run(&mut self, wake: Arc<Notify>, mut stopped: oneshot::Receiver<()>) {
+    async fn run(&mut self, mut stopped: oneshot::Receiver<()>) {
+        let wake = self.wake.clone();
         loop {
             let settling = self.files.values().any(|f| f.done != Some(f.stat));
             let wait = if settling {
@@ -204,7 +213,9 @@ impl DirWatch {
         let listing = match tokio::task::spawn_blocking(move || list(&dir)).await {
             Ok(Ok(listing)) => {
                 if std::mem::take(&mut self.listing_failed) {
-                    tracing::info!(dir = %self.dir.display(), "the packs directory is readable again");
+                    tracing::info!(dir = %self.dir.display(), "the packs directory is readable");
+                    // It appeared (or came back): watch it from now on.
+                    self.events = notify_watcher(&self.dir, self.wake.clone());
                 }
                 listing
             }

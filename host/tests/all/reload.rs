@@ -321,3 +321,16 @@ async fn a_pack_file_over_the_size_limit_is_skipped_unread() {
     assert_eq!(health(&t).await["status"], "degraded");
     assert_outcome(&run(&t, "big").await, "failed", Some("unknown_node_type"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_event_loads_a_pack_long_before_the_next_rescan() {
+    let mut cfg = reload_config();
+    cfg.watch.rescan = Duration::from_secs(3600);
+    let t = start(cfg, &[]).await;
+    install(
+        t.packs_dir(),
+        "evented.wasm",
+        &returning("evented", r#"{"v":1}"#),
+    );
+    run_until(&t, "evented", outputs_are(json!({"v": 1}))).await;
+}
