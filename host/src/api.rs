@@ -314,3 +314,16 @@ fn invalid(message: &str, path: &str, reason: &str) -> ApiError {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    #[test]
+    fn health_text_is_cut_and_has_no_control_characters() {
+        assert_eq!(truncate("ok.wasm", 10), "ok.wasm");
+        assert_eq!(truncate("a\nb\u{1b}c", 10), "a\u{fffd}b\u{fffd}c");
+        assert_eq!(truncate("ééééé", 3), "ééé…");
+        assert_eq!(truncate("abc", 3), "abc");
+    }
+}

@@ -334,3 +334,53 @@ async fn a_watcher_event_loads_a_pack_long_before_the_next_rescan() {
     );
     run_until(&t, "evented", outputs_are(json!({"v": 1}))).await;
 }
+
+/// The files named by `/v1/health`'s failed-pack checks.
+fn failed_files(health: &Value) -> Vec<String> {
+    health["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("pack:"))
+        .map(|c| c["details"]["file"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_names_each_failed_file_until_it_is_fixed_or_removed() {
+    let good = returning("fine", r#"{"v":1}"#);
+    let t = start(
+        reload_config(),
+        &[
+            ("broken-a.wasm", b"not wasm".to_vec()),
+            ("broken-b.wasm", wat_component("(component)")),
+            ("fine.wasm", good.clone()),
+        ],
+    )
+    .await;
+    let health = health(&t).await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(failed_files(&health), ["broken-a.wasm", "broken-b.wasm"]);
+
+    // Broken, then put back byte for byte: the loaded version is current again.
+    install(t.packs_dir(), "fine.wasm", b"oops");
+    health_until(&t, |h| failed_files(h).len() == 3).await;
+    install(t.packs_dir(), "fine.wasm", &good);
+    health_until(&t, |h| failed_files(h).len() == 2).await;
+
+    std::fs::remove_file(t.packs_dir().join("broken-a.wasm")).unwrap();
+    let health = health_until(&t, |h| failed_files(h).len() == 1).await;
+    assert_eq!(failed_files(&health), ["broken-b.wasm"]);
+    install(
+        t.packs_dir(),
+        "broken-b.wasm",
+        &returning("fixed", r#"{"v":1}"#),
+    );
+    health_until(&t, |h| h["status"] == "ok").await;
+    assert_eq!(run(&t, "fixed").await["outputs"], json!({"v": 1}));
+    assert_eq!(run(&t, "fine").await["outputs"], json!({"v": 1}));
+}
+
+fn wat_component(text: &str) -> Vec<u8> {
+    jarvis_atomic_executor::wasmtime_wat(text).unwrap()
+}
