@@ -240,22 +240,20 @@ impl PackRegistry {
             .iter()
             .map(|e| format!("{}@{}", e.node_type_id, e.version))
             .collect();
-        self.change(|sources| {
+        let replaced = self.change(|sources| {
             sources.failed.remove(&source);
-            sources.packs.insert(source.clone(), Arc::new(loaded));
+            sources.packs.insert(source.clone(), Arc::new(loaded))
         });
+        drop(replaced);
         names
     }
 
     /// Stops serving what `source` served and forgets its failure, if any.
     /// Executions already running finish on the pack they started with.
     pub fn remove(&self, source: &str) -> bool {
-        let mut removed = false;
-        self.change(|sources| {
-            removed |= sources.failed.remove(source).is_some();
-            removed |= sources.packs.remove(source).is_some();
-        });
-        removed
+        let (failed, pack) =
+            self.change(|sources| (sources.failed.remove(source), sources.packs.remove(source)));
+        failed.is_some() || pack.is_some()
     }
 
     /// Records that the latest version of `source` failed to load; whatever
@@ -286,26 +284,31 @@ impl PackRegistry {
     }
 
     /// Applies `f` to the sources and swaps in the index built from them.
-    fn change(&self, f: impl FnOnce(&mut Sources)) {
+    ///
+    /// What `f` returns (packs it took out) is dropped, and new shadowings
+    /// logged, after the lock is released.
+    fn change<R>(&self, f: impl FnOnce(&mut Sources) -> R) -> R {
         let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut sources);
+        let taken = f(&mut sources);
         let nodes = NodeIndex::build(sources.packs.iter().map(|(source, loaded)| IndexedPack {
             source,
             builtin: source == BUILTIN_SOURCE,
             nodes: &loaded.nodes,
         }));
-        let before = self.snapshot();
-        // Logged when they start, not again at every change.
-        for s in nodes
-            .shadowed()
-            .iter()
-            .filter(|s| !before.nodes.shadowed().contains(s))
-        {
-            tracing::warn!(file = %Sanitized(&s.source), node = %s.node, version = %s.version, served_by = %Sanitized(&s.by), "pack node shadowed");
-        }
         let catalogue = catalogue(&nodes);
         let next = Arc::new(Snapshot { nodes, catalogue });
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = next;
+        let before = std::mem::replace(
+            &mut *self.index.write().unwrap_or_else(|e| e.into_inner()),
+            next.clone(),
+        );
+        drop(sources);
+        // Logged when they start, not again at every change.
+        for s in next.nodes.shadowed() {
+            if !before.nodes.shadowed().contains(s) {
+                tracing::warn!(file = %Sanitized(&s.source), node = %s.node, version = %s.version, served_by = %Sanitized(&s.by), "pack node shadowed");
+            }
+        }
+        taken
     }
 
     /// Files whose latest version failed to load, each with the reason,

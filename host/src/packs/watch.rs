@@ -81,9 +81,9 @@ impl PackWatcher {
                 listing_failed,
                 wake,
                 events,
+                loads: JoinSet::new(),
             };
-            watch.load_initial(initial).await;
-            watch.run(stopped).await;
+            watch.run(initial, stopped).await;
         });
         Self {
             stop: Some(stop),
@@ -91,7 +91,8 @@ impl PackWatcher {
         }
     }
 
-    /// Stops watching and waits for a load in progress to be abandoned.
+    /// Stops watching, abandons the loads in progress and waits for the
+    /// watcher to end.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -166,6 +167,8 @@ struct DirWatch {
     /// Owned here, so events stop when the task ends. `None` until the
     /// directory can be watched.
     events: Option<notify::RecommendedWatcher>,
+    /// Loads in progress, drained on stop.
+    loads: JoinSet<()>,
 }
 
 impl DirWatch {
@@ -187,7 +190,13 @@ impl DirWatch {
             .await;
     }
 
-    async fn run(&mut self, mut stopped: oneshot::Receiver<()>) {
+    /// Loads `initial`, then rescans on every event and tick until
+    /// `stopped`, which also abandons the loads in progress.
+    async fn run(&mut self, initial: Vec<(String, Stat)>, mut stopped: oneshot::Receiver<()>) {
+        tokio::select! {
+            _ = &mut stopped => return self.loads.shutdown().await,
+            () = self.load_initial(initial) => {}
+        }
         let wake = self.wake.clone();
         loop {
             let settling = self.files.values().any(|f| f.done != Some(f.stat));
@@ -202,7 +211,10 @@ impl DirWatch {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
-            self.scan().await;
+            tokio::select! {
+                _ = &mut stopped => return self.loads.shutdown().await,
+                () = self.scan() => {}
+            }
         }
     }
 
@@ -262,15 +274,14 @@ impl DirWatch {
     }
 
     /// Loads `names` side by side, each counted as pending until done.
-    async fn load(&self, names: Vec<String>, reload: bool) {
-        let mut loads = JoinSet::new();
+    async fn load(&mut self, names: Vec<String>, reload: bool) {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_LOADS));
         for name in names {
             let registry = self.registry.clone();
             let path = self.dir.join(&name);
             let slots = slots.clone();
             let max_bytes = self.settings.max_file_bytes;
-            loads.spawn(async move {
+            self.loads.spawn(async move {
                 let _done = registry.loading_guard();
                 let Ok(_slot) = slots.acquire_owned().await else {
                     return;
@@ -278,7 +289,7 @@ impl DirWatch {
                 load_one(&registry, &name, &path, max_bytes, reload).await;
             });
         }
-        while loads.join_next().await.is_some() {}
+        while self.loads.join_next().await.is_some() {}
     }
 }
 

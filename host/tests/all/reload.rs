@@ -384,3 +384,32 @@ async fn health_names_each_failed_file_until_it_is_fixed_or_removed() {
 fn wat_component(text: &str) -> Vec<u8> {
     jarvis_atomic_executor::wasmtime_wat(text).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_abandons_a_pack_whose_describe_never_returns() {
+    let spins = wat_component(
+        &WatPack::new("test.spin", "1.0.0")
+            .node(WatNode::new("test.spin", "1.0.0"))
+            .with_describe("(loop $forever (br $forever))")
+            .to_wat("(unreachable)"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spin.wasm"), spins).unwrap();
+    let mut cfg = reload_config();
+    cfg.packs_dir = Some(dir.path().to_path_buf());
+    let mut server = jarvis_atomic_executor::RunningServer::spawn(&cfg)
+        .await
+        .unwrap();
+    let registry = server.service.executor.registry().clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(registry.pending(), 1, "describe is still spinning");
+    let started = Instant::now();
+    server.service.shutdown().await;
+    // The describe limit is 10 s: shutdown does not wait for it.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(registry.pending(), 0, "an abandoned load is not pending");
+}
