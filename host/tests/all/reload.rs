@@ -219,13 +219,16 @@ async fn a_removed_pack_is_no_longer_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_written_slowly_in_pieces_is_loaded_once_complete_and_never_reported_broken() {
-    let t = start(reload_config(), &[]).await;
+    let mut cfg = reload_config();
+    // Far longer than the pauses between pieces, however slow the machine.
+    cfg.watch.settle = Duration::from_millis(1000);
+    let t = start(cfg, &[]).await;
     let bytes = returning("slow", r#"{"v":1}"#);
     let path = t.packs_dir().join("slow.wasm");
     let mut file = std::fs::File::create(&path).unwrap();
     let registry = t.server.service.executor.registry().clone();
     // Pieces land faster than the settle time, the whole well beyond it.
-    for piece in bytes.chunks(bytes.len().div_ceil(8)) {
+    for piece in bytes.chunks(bytes.len().div_ceil(16)) {
         std::io::Write::write_all(&mut file, piece).unwrap();
         file.sync_all().unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
