@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use arp_types::time::now_rfc3339;
-use arp_types::{AtomicExecuteRequest, ErrorEnvelope, Health, JsonObject, Status, VersionInfo};
+use arp_types::{
+    AtomicExecuteRequest, ErrorEnvelope, Health, JsonObject, Status, VersionInfo,
+    common::HealthCheck,
+};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -116,23 +119,91 @@ fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     response
 }
 
+/// Pack files named in `/v1/health`, at most; the rest are counted.
+const MAX_FAILED_CHECKS: usize = 100;
+/// Characters of a failure's reason shown in `/v1/health`.
+const MAX_REASON_CHARS: usize = 500;
+
+/// `GET /v1/health`: `degraded` while any pack file failed to load, with a
+/// check naming each (until it is fixed or removed), or while packs load.
 async fn health(State(executor): State<Arc<Executor>>) -> Response {
-    let pending = executor.registry().pending();
-    let check = if pending == 0 {
-        json!({ "name": "packs", "status": "ok" })
+    let registry = executor.registry();
+    let pending = registry.pending();
+    let failed = registry.skipped();
+    let mut checks = Vec::with_capacity(failed.len().min(MAX_FAILED_CHECKS) + 2);
+    checks.push(if pending == 0 {
+        HealthCheck {
+            name: "packs".into(),
+            status: Status::Ok,
+            message: None,
+            details: None,
+        }
     } else {
-        json!({ "name": "packs", "status": "degraded", "message": format!("{pending} pack file(s) still loading") })
+        HealthCheck {
+            name: "packs".into(),
+            status: Status::Degraded,
+            message: Some(format!("{pending} pack file(s) still loading")),
+            details: None,
+        }
+    });
+    for (file, reason) in failed.iter().take(MAX_FAILED_CHECKS) {
+        let mut details = JsonObject::new();
+        details.insert("file".into(), Value::from(truncate(file, 255)));
+        details.insert(
+            "reason".into(),
+            Value::from(truncate(reason, MAX_REASON_CHARS)),
+        );
+        checks.push(HealthCheck {
+            name: format!("pack:{}", truncate(file, 255)),
+            status: Status::Degraded,
+            message: Some(format!(
+                "{} failed to load: {}",
+                truncate(file, 255),
+                truncate(reason, MAX_REASON_CHARS)
+            )),
+            details: Some(details),
+        });
+    }
+    if failed.len() > MAX_FAILED_CHECKS {
+        checks.push(HealthCheck {
+            name: "pack:more".into(),
+            status: Status::Degraded,
+            message: Some(format!(
+                "{} more pack file(s) failed to load",
+                failed.len() - MAX_FAILED_CHECKS
+            )),
+            details: None,
+        });
+    }
+    let status = if checks.iter().any(|c| c.status != Status::Ok) {
+        Status::Degraded
+    } else {
+        Status::Ok
     };
     let health = Health {
-        status: Status::Ok,
+        status,
         time: now_rfc3339(),
-        checks: Some(vec![serde_json::from_value(check).expect("valid check")]),
+        checks: Some(checks),
         extensions: None,
     };
     json_response(
         StatusCode::OK,
         serde_json::to_vec(&health).expect("health serializes"),
     )
+}
+
+/// The first `max` characters of `text`, control characters replaced, with
+/// an ellipsis when cut.
+fn truncate(text: &str, max: usize) -> String {
+    let mut short: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        short.push('…');
+    }
+    short
 }
 
 async fn version() -> Response {
@@ -241,5 +312,18 @@ fn invalid(message: &str, path: &str, reason: &str) -> ApiError {
             Value::Object(map) => Some(map),
             _ => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    #[test]
+    fn health_text_is_cut_and_has_no_control_characters() {
+        assert_eq!(truncate("ok.wasm", 10), "ok.wasm");
+        assert_eq!(truncate("a\nb\u{1b}c", 10), "a\u{fffd}b\u{fffd}c");
+        assert_eq!(truncate("ééééé", 3), "ééé…");
+        assert_eq!(truncate("abc", 3), "abc");
     }
 }

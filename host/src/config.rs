@@ -10,6 +10,7 @@ use jarvis_auth::AuthSettings;
 
 use crate::executor::ExecutorConfig;
 use crate::packs::spec::PackLimits;
+use crate::packs::watch::WatchSettings;
 use crate::runtime::RuntimeLimits;
 
 /// Raw arguments, as typed. Environment variables use the names the Python
@@ -29,9 +30,24 @@ pub struct Args {
     #[arg(long, default_value_t = 8082)]
     pub port: u16,
 
-    /// Directory of node packs: every `*.wasm` in it is loaded at start.
+    /// Directory of node packs: every `*.wasm` in it is loaded at start, and
+    /// files added, replaced or removed later take effect without a restart.
     #[arg(long, env = "JARVIS_PACKS_DIR", default_value = "./nodepacks")]
     pub packs: PathBuf,
+
+    /// Milliseconds a new or changed pack file must stay the same size and
+    /// age before it is loaded, so a file still being copied is not.
+    #[arg(long, env = "JARVIS_PACKS_SETTLE_MS", default_value_t = 500)]
+    pub packs_settle_ms: u64,
+
+    /// Seconds between full listings of the packs directory, a safety net
+    /// for changes the file watcher did not report.
+    #[arg(long, env = "JARVIS_PACKS_RESCAN_SECS", default_value_t = 5)]
+    pub packs_rescan_secs: u64,
+
+    /// Size of one pack file, in MiB; a larger file is skipped unread.
+    #[arg(long, env = "JARVIS_MAX_PACK_FILE_MIB", default_value_t = 256)]
+    pub max_pack_file_mib: u64,
 
     /// Time limit of an execution, in seconds, unless the request or the
     /// node asks for less.
@@ -107,6 +123,8 @@ pub struct Config {
     pub host: IpAddr,
     pub port: u16,
     pub packs_dir: Option<PathBuf>,
+    /// How the packs directory is watched for changes.
+    pub watch: WatchSettings,
     pub executor: ExecutorConfig,
     pub runtime: RuntimeLimits,
     /// Bounds on what a pack may declare.
@@ -189,6 +207,24 @@ impl Args {
                 self.max_schema_nodes
             ));
         }
+        if self.packs_settle_ms > 60_000 {
+            return Err(format!(
+                "JARVIS_PACKS_SETTLE_MS must be at most 60000, got {}",
+                self.packs_settle_ms
+            ));
+        }
+        if self.packs_rescan_secs == 0 || self.packs_rescan_secs > 3600 {
+            return Err(format!(
+                "JARVIS_PACKS_RESCAN_SECS must be between 1 and 3600, got {}",
+                self.packs_rescan_secs
+            ));
+        }
+        if self.max_pack_file_mib == 0 || self.max_pack_file_mib > 4096 {
+            return Err(format!(
+                "JARVIS_MAX_PACK_FILE_MIB must be between 1 and 4096, got {}",
+                self.max_pack_file_mib
+            ));
+        }
         let compile_cache_dir = if self.no_compile_cache {
             None
         } else {
@@ -198,6 +234,11 @@ impl Args {
             host: self.host,
             port: self.port,
             packs_dir: Some(self.packs),
+            watch: WatchSettings {
+                settle: Duration::from_millis(self.packs_settle_ms),
+                rescan: Duration::from_secs(self.packs_rescan_secs),
+                max_file_bytes: self.max_pack_file_mib << 20,
+            },
             executor: ExecutorConfig {
                 default_timeout,
                 max_concurrency,

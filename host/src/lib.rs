@@ -6,8 +6,9 @@
 //! - [`config`]: command line and environment, validated into one `Config`.
 //! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
 //! - [`runtime`]: wasmtime engine, epoch ticker, store state and host grants.
-//! - [`registry`]: loads packs, asks them to describe themselves, indexes nodes.
-//! - [`packs`]: what a pack declares, read within bounds and checked (`spec`).
+//! - [`packs`]: what a pack declares, read within bounds and checked (`spec`);
+//!   the registry of loaded packs by source (`registry`), the node index
+//!   built from them (`index`) and the packs directory watcher (`watch`).
 //! - [`grants`]: host interfaces granted to packs (the guest `log`).
 //! - [`executor`]: admission, sandboxed execution, limits, cancel, retries.
 //! - [`api`]: the HTTP API and its ARP error envelopes.
@@ -18,34 +19,41 @@ pub mod config;
 pub mod executor;
 pub mod grants;
 pub mod packs;
-pub mod registry;
 pub mod runtime;
 pub mod watpack;
 pub mod world;
+
+/// The registry's former path, kept for the executor's imports.
+pub use packs::registry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::executor::Executor;
-use crate::registry::{BUILTIN_SOURCE, PackRegistry};
+use crate::packs::registry::{BUILTIN_SOURCE, PackRegistry};
+use crate::packs::watch::PackWatcher;
 use crate::runtime::EpochTicker;
 
 /// Instances beyond the concurrency cap, for `describe` calls while loading.
 const SPARE_INSTANCES: u32 = 16;
 
-/// A ready executor: registry with the built-ins, packs loading in the
-/// background, and the epoch ticker that enforces time limits.
+/// A ready executor: registry with the built-ins, the packs directory loading
+/// and watched in the background, and the epoch ticker that enforces time
+/// limits.
 #[derive(Debug)]
 pub struct Service {
     pub executor: Arc<Executor>,
     auth: jarvis_auth::Authenticator,
+    /// Stopped when the service is dropped or shut down.
+    watcher: Option<PackWatcher>,
     _ticker: EpochTicker,
 }
 
 impl Service {
     /// Builds the engine and registry, registers the built-in echo and starts
-    /// loading the packs directory. Must run inside a tokio runtime.
+    /// loading and watching the packs directory. Must run inside a tokio
+    /// runtime.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
         let auth = jarvis_auth::Authenticator::new(config.auth.clone())
             .map_err(|e| anyhow::anyhow!("authentication: {e}"))?;
@@ -63,16 +71,24 @@ impl Service {
             .load_bytes(BUILTIN_SOURCE, &builtin)
             .await
             .map_err(|e| anyhow::anyhow!("the built-in echo pack failed to load: {e}"))?;
-        if let Some(dir) = &config.packs_dir {
-            let found = registry.load_dir_in_background(dir);
-            tracing::info!(dir = %dir.display(), files = found, "loading packs");
-        }
+        let watcher = config
+            .packs_dir
+            .as_ref()
+            .map(|dir| PackWatcher::start(registry.clone(), dir.clone(), config.watch.clone()));
         let executor = Arc::new(Executor::new(registry, config.executor.clone()));
         Ok(Self {
             executor,
             auth,
+            watcher,
             _ticker: ticker,
         })
+    }
+
+    /// Stops watching the packs directory and waits for the watcher to end.
+    pub async fn shutdown(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.shutdown().await;
+        }
     }
 
     /// The HTTP API behind the authentication layer.

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: jarvis_atomic_executor::config::Config) -> anyhow::Result<()> {
-    let service = Service::start(&config).await?;
+    let mut service = Service::start(&config).await?;
     let listener = tokio::net::TcpListener::bind((config.host, config.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
@@ -97,6 +97,7 @@ async fn serve(config: jarvis_atomic_executor::config::Config) -> anyhow::Result
         let _ = stop_rx.await;
     })
     .await?;
+    service.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

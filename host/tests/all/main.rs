@@ -4,5 +4,6 @@ mod api;
 mod bounds;
 mod limits;
 mod packs;
+mod reload;
 mod retries;
 mod support;

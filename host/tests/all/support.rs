@@ -81,6 +81,11 @@ pub(crate) fn request(node_run_id: &str, node: &str, version: &str, inputs: Valu
 }
 
 impl TestServer {
+    /// The packs directory the server watches.
+    pub(crate) fn packs_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.url())
     }

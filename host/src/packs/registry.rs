@@ -1,24 +1,28 @@
-//! The pack registry: loads components, asks them to describe themselves and
-//! indexes their nodes by `(node_type_id, version)`.
+//! The pack registry: every loaded pack by source, and the node index built from them.
 //!
-//! Loading never stops the service: a broken file is logged with its reason
-//! and skipped. Packs load in the background (big components take seconds to
-//! compile), so the executor serves what is ready and lookups of unknown nodes
-//! wait for loading to finish rather than fail early.
+//! Loading never stops the service: a broken file is recorded with its reason
+//! and the previous version of that file, if any, keeps serving. Packs load
+//! in the background (big components take seconds to compile), so the
+//! executor serves what is ready and lookups of unknown nodes wait for
+//! loading to finish rather than fail early. Each change swaps in a whole new
+//! index: a request sees the old packs or the new ones, never a mix, and an
+//! execution holds its entry (and pack) until it finishes.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use arp_types::{ConstraintEnvelope, Extensions, NodeKind, NodeType};
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
+use super::index::{IndexEntry, IndexedPack, NodeIndex};
+use super::spec::{self, PackLimits};
 use crate::grants::log::Sanitized;
-use crate::packs::spec::{self, PackLimits};
 use crate::runtime::{RuntimeLimits, StoreState, new_store};
 use crate::world::{InvokeExport, NodePackPre, NodeSpec, PackInfo, SideEffect};
 
@@ -43,12 +47,6 @@ pub enum PackLoadError {
     InvalidPack(String),
     #[error("node {node}: {reason}")]
     InvalidNode { node: String, reason: String },
-    #[error("declares {node} {version}, already served by {other}")]
-    Duplicate {
-        node: String,
-        version: String,
-        other: String,
-    },
 }
 
 /// A compiled pack, ready to instantiate.
@@ -84,6 +82,16 @@ pub struct NodeEntry {
     catalogue_json: Box<str>,
 }
 
+/// A pack and the nodes it declares, as loaded from one source.
+#[derive(Debug)]
+pub struct Loaded {
+    pub pack: Arc<LoadedPack>,
+    pub nodes: Vec<Arc<NodeEntry>>,
+    /// SHA-256 of the bytes the pack was compiled from, so an unchanged file
+    /// is not loaded again.
+    pub hash: [u8; 32],
+}
+
 /// Result of looking a node up.
 #[derive(Debug)]
 pub enum Lookup {
@@ -95,14 +103,29 @@ pub enum Lookup {
     },
 }
 
-type NodeIndex = HashMap<String, Vec<Arc<NodeEntry>>>;
+impl IndexEntry for Arc<NodeEntry> {
+    fn node_type_id(&self) -> &str {
+        &self.node_type_id
+    }
+    fn version(&self) -> &str {
+        &self.version
+    }
+}
 
 /// The served nodes and the `GET /v1/node-types` body listing them, swapped
 /// in together so that a request for the catalogue only bumps a refcount.
-#[derive(Default)]
 struct Snapshot {
-    nodes: NodeIndex,
+    nodes: NodeIndex<Arc<NodeEntry>>,
     catalogue: Bytes,
+}
+
+/// Every pack loaded, shadowed ones included, and every file that failed.
+#[derive(Default)]
+struct Sources {
+    packs: BTreeMap<String, Arc<Loaded>>,
+    /// Files whose latest version failed to load, with the reason. A file
+    /// listed here may still serve its previous good version from `packs`.
+    failed: BTreeMap<String, String>,
 }
 
 /// Every node the executor serves.
@@ -112,13 +135,11 @@ pub struct PackRegistry {
     limits: RuntimeLimits,
     pack_limits: PackLimits,
     index: RwLock<Arc<Snapshot>>,
-    /// Held by whoever builds the next snapshot, so readers of the current one
-    /// never wait for the catalogue to be rebuilt.
-    writer: Mutex<()>,
-    /// Pack files still loading.
+    /// Held by whoever changes the sources and builds the next snapshot, so
+    /// readers of the current one never wait for the catalogue to be rebuilt.
+    sources: Mutex<Sources>,
+    /// Pack files being loaded.
     pending: watch::Sender<usize>,
-    /// Files skipped, with their reasons (one entry per file).
-    skipped: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for PackRegistry {
@@ -138,7 +159,7 @@ impl PackRegistry {
         let mut linker = Linker::new(&engine);
         crate::runtime::add_grants(&mut linker)?;
         let empty = Snapshot {
-            nodes: HashMap::new(),
+            nodes: NodeIndex::default(),
             catalogue: Bytes::from_static(b"[]"),
         };
         Ok(Self {
@@ -147,9 +168,8 @@ impl PackRegistry {
             limits,
             pack_limits,
             index: RwLock::new(Arc::new(empty)),
-            writer: Mutex::new(()),
+            sources: Mutex::new(Sources::default()),
             pending: watch::channel(0).0,
-            skipped: Mutex::new(Vec::new()),
         })
     }
 
@@ -161,76 +181,162 @@ impl PackRegistry {
         &self.limits
     }
 
-    /// Compiles, describes and registers one pack.
+    /// Compiles, describes and serves one pack under `source`, replacing
+    /// what that source served before.
     pub async fn load_bytes(
         &self,
         source: &str,
         bytes: &[u8],
     ) -> Result<Vec<String>, PackLoadError> {
-        let component = compile(&self.engine, bytes)?;
-        self.register_component(source, &component).await
+        let loaded = self.prepare(source, bytes.to_vec()).await?;
+        Ok(self.install(loaded))
     }
 
-    /// Loads one `.wasm` file; compilation runs off the async workers.
+    /// Loads one `.wasm` file under its file name.
     pub async fn load_file(&self, path: &Path) -> Result<Vec<String>, PackLoadError> {
         let source = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let bytes = tokio::fs::read(path).await?;
+        let loaded = self.prepare(&source, bytes).await?;
+        Ok(self.install(loaded))
+    }
+
+    /// Compiles and describes a pack without serving it yet; compilation
+    /// runs off the async workers.
+    pub async fn prepare(&self, source: &str, bytes: Vec<u8>) -> Result<Loaded, PackLoadError> {
+        let hash = Self::hash(&bytes);
+        self.prepare_hashed(source, bytes, hash).await
+    }
+
+    /// [`PackRegistry::prepare`] for bytes whose [`PackRegistry::hash`] is known.
+    pub async fn prepare_hashed(
+        &self,
+        source: &str,
+        bytes: Vec<u8>,
+        hash: [u8; 32],
+    ) -> Result<Loaded, PackLoadError> {
         let engine = self.engine.clone();
         let component = tokio::task::spawn_blocking(move || compile(&engine, &bytes))
             .await
             .map_err(|e| PackLoadError::NotAComponent(format!("compiler task failed: {e}")))??;
-        self.register_component(&source, &component).await
+        let (pack, nodes) = self.register_component(source, &component).await?;
+        Ok(Loaded { pack, nodes, hash })
     }
 
-    /// Starts loading every `*.wasm` in `dir` in the background, several at a
-    /// time. Returns how many files were found.
-    pub fn load_dir_in_background(self: &Arc<Self>, dir: &Path) -> usize {
-        let files = match list_packs(dir) {
-            Ok(files) => files,
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the packs directory; serving built-ins only");
-                return 0;
-            }
-        };
-        let count = files.len();
-        self.pending.send_modify(|p| *p += count);
-        for path in files {
-            let registry = self.clone();
-            tokio::spawn(async move {
-                // Counted down even if loading panics, so lookups never wait in vain.
-                let _done = PendingGuard(&registry.pending);
-                let file = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                match registry.load_file(&path).await {
-                    Ok(nodes) => {
-                        tracing::info!(file = %Sanitized(&file), nodes = ?nodes, "pack loaded")
-                    }
-                    Err(e) => registry.skip(file, e.to_string()),
-                }
-            });
-        }
-        count
+    /// The content hash under which a pack's bytes are recognised.
+    pub fn hash(bytes: &[u8]) -> [u8; 32] {
+        Sha256::digest(bytes).into()
     }
 
-    /// Logs a skipped file and remembers why.
-    fn skip(&self, file: String, reason: String) {
-        tracing::error!(file = %Sanitized(&file), reason = %Sanitized(&reason), "pack skipped");
-        let mut skipped = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
-        skipped.retain(|(f, _)| *f != file);
-        skipped.push((file, reason));
+    /// Serves `loaded` in place of whatever its source served before, and
+    /// forgets an earlier failure of that source. Returns the nodes it
+    /// declares as `id@version`.
+    pub fn install(&self, loaded: Loaded) -> Vec<String> {
+        let source = loaded.pack.source.clone();
+        let names = loaded
+            .nodes
+            .iter()
+            .map(|e| format!("{}@{}", e.node_type_id, e.version))
+            .collect();
+        let replaced = self.change(|sources| {
+            sources.failed.remove(&source);
+            sources.packs.insert(source.clone(), Arc::new(loaded))
+        });
+        drop(replaced);
+        names
     }
 
-    /// Files skipped so far, each with the reason.
-    pub fn skipped(&self) -> Vec<(String, String)> {
-        self.skipped
+    /// Stops serving what `source` served and forgets its failure, if any.
+    /// Executions already running finish on the pack they started with.
+    pub fn remove(&self, source: &str) -> bool {
+        let (failed, pack) =
+            self.change(|sources| (sources.failed.remove(source), sources.packs.remove(source)));
+        failed.is_some() || pack.is_some()
+    }
+
+    /// Records that the latest version of `source` failed to load; whatever
+    /// it served before keeps serving.
+    pub fn record_failure(&self, source: &str, reason: String) {
+        let serving = self.loaded_hash(source).is_some();
+        tracing::error!(file = %Sanitized(source), reason = %Sanitized(&reason), keeps_previous_version = serving, "pack skipped");
+        self.sources
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .failed
+            .insert(source.to_owned(), reason);
+    }
+
+    /// Forgets the failure of `source`: its file is back to a version that loaded.
+    pub fn clear_failure(&self, source: &str) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed
+            .remove(source);
+    }
+
+    /// The hash of the pack `source` serves, if it serves one.
+    pub fn loaded_hash(&self, source: &str) -> Option<[u8; 32]> {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.packs.get(source).map(|l| l.hash)
+    }
+
+    /// Applies `f` to the sources and swaps in the index built from them.
+    ///
+    /// What `f` returns (packs it took out) is dropped, and new shadowings
+    /// logged, after the lock is released.
+    fn change<R>(&self, f: impl FnOnce(&mut Sources) -> R) -> R {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = f(&mut sources);
+        let nodes = NodeIndex::build(sources.packs.iter().map(|(source, loaded)| IndexedPack {
+            source,
+            builtin: source == BUILTIN_SOURCE,
+            nodes: &loaded.nodes,
+        }));
+        let catalogue = catalogue(&nodes);
+        let next = Arc::new(Snapshot { nodes, catalogue });
+        let before = std::mem::replace(
+            &mut *self.index.write().unwrap_or_else(|e| e.into_inner()),
+            next.clone(),
+        );
+        drop(sources);
+        // Logged when they start, not again at every change.
+        for s in next.nodes.shadowed() {
+            if !before.nodes.shadowed().contains(s) {
+                tracing::warn!(file = %Sanitized(&s.source), node = %s.node, version = %s.version, served_by = %Sanitized(&s.by), "pack node shadowed");
+            }
+        }
+        taken
+    }
+
+    /// Files whose latest version failed to load, each with the reason,
+    /// sorted by file name.
+    pub fn skipped(&self) -> Vec<(String, String)> {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources
+            .failed
+            .iter()
+            .map(|(f, r)| (f.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Sources whose packs are loaded, shadowed ones included.
+    pub fn sources(&self) -> Vec<String> {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.packs.keys().cloned().collect()
+    }
+
+    /// Counts `n` more pack files as loading until their guards drop.
+    pub(crate) fn begin_loading(&self, n: usize) {
+        self.pending.send_modify(|p| *p += n);
+    }
+
+    /// Counts one pack file as loaded (or skipped) when dropped, even if
+    /// loading panicked, so lookups never wait in vain.
+    pub(crate) fn loading_guard(&self) -> PendingGuard<'_> {
+        PendingGuard(&self.pending)
     }
 
     /// Pack files not yet loaded (or skipped).
@@ -246,7 +352,7 @@ impl PackRegistry {
 
     pub fn lookup(&self, node_type_id: &str, version: &str) -> Lookup {
         let index = self.snapshot();
-        let Some(entries) = index.nodes.get(node_type_id) else {
+        let Some(entries) = index.nodes.versions(node_type_id) else {
             return Lookup::UnknownNode;
         };
         match entries.iter().find(|e| e.version == version) {
@@ -271,7 +377,7 @@ impl PackRegistry {
         &self,
         source: &str,
         component: &Component,
-    ) -> Result<Vec<String>, PackLoadError> {
+    ) -> Result<(Arc<LoadedPack>, Vec<Arc<NodeEntry>>), PackLoadError> {
         let pre = self
             .linker
             .instantiate_pre(component)
@@ -298,7 +404,7 @@ impl PackRegistry {
         })
         .await
         .map_err(|e| PackLoadError::Describe(format!("checking the nodes failed: {e}")))??;
-        self.insert(&pack, entries)
+        Ok((pack, entries))
     }
 
     async fn describe(
@@ -332,72 +438,12 @@ impl PackRegistry {
             ))),
         }
     }
-
-    /// Adds a pack's nodes all-or-nothing. Packs replace built-ins of the same
-    /// id and version; between two files, the one whose name sorts first wins
-    /// whatever order they finished loading in.
-    fn insert(
-        &self,
-        pack: &Arc<LoadedPack>,
-        entries: Vec<Arc<NodeEntry>>,
-    ) -> Result<Vec<String>, PackLoadError> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut index = self.snapshot().nodes.clone();
-        let mut evict: Vec<String> = Vec::new();
-        for entry in &entries {
-            let Some(existing) = index
-                .get(&*entry.node_type_id)
-                .and_then(|v| v.iter().find(|e| e.version == entry.version))
-            else {
-                continue;
-            };
-            let other = &existing.pack.source;
-            if other == BUILTIN_SOURCE {
-                tracing::info!(node = %entry.node_type_id, version = %entry.version, file = %Sanitized(&pack.source), "pack replaces the built-in node");
-            } else if *other > pack.source {
-                evict.push(other.clone());
-            } else {
-                return Err(PackLoadError::Duplicate {
-                    node: entry.node_type_id.to_string(),
-                    version: entry.version.clone(),
-                    other: other.clone(),
-                });
-            }
-        }
-        for source in &evict {
-            self.skip(
-                source.clone(),
-                format!("declares a node also served by {}", pack.source),
-            );
-        }
-        for list in index.values_mut() {
-            list.retain(|e| !evict.contains(&e.pack.source));
-        }
-        let mut names = Vec::with_capacity(entries.len());
-        for entry in entries {
-            names.push(format!("{}@{}", entry.node_type_id, entry.version));
-            let list = index.entry(entry.node_type_id.to_string()).or_default();
-            list.retain(|e| e.version != entry.version);
-            list.push(entry);
-            list.sort_by(|a, b| version_order(&a.version, &b.version));
-        }
-        index.retain(|_, list| !list.is_empty());
-        let catalogue = catalogue(&index);
-        let next = Arc::new(Snapshot {
-            nodes: index,
-            catalogue,
-        });
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = next;
-        Ok(names)
-    }
 }
 
 /// The JSON array of every node in `index`, sorted by id then version, joined
 /// from the entries' serialised forms.
-fn catalogue(index: &NodeIndex) -> Bytes {
-    let mut ids: Vec<&String> = index.keys().collect();
-    ids.sort();
-    let entries = ids.iter().flat_map(|id| &index[*id]);
+fn catalogue(index: &NodeIndex<Arc<NodeEntry>>) -> Bytes {
+    let entries = index.sorted();
     let len = entries
         .clone()
         .map(|e| e.catalogue_json.len() + 1)
@@ -414,7 +460,7 @@ fn catalogue(index: &NodeIndex) -> Bytes {
     Bytes::from(body)
 }
 
-struct PendingGuard<'a>(&'a watch::Sender<usize>);
+pub(crate) struct PendingGuard<'a>(&'a watch::Sender<usize>);
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
@@ -430,18 +476,6 @@ fn compile(engine: &Engine, bytes: &[u8]) -> Result<Component, PackLoadError> {
     }
     Component::from_binary(engine, bytes)
         .map_err(|e| PackLoadError::NotAComponent(format!("{e:#}")))
-}
-
-fn list_packs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "wasm") && path.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 fn node_entry(
@@ -504,39 +538,4 @@ fn node_entry(
         output_schema: output.validator,
         catalogue_json,
     })
-}
-
-/// Orders versions by their dot-separated parts, numerically where both
-/// parts are numbers (`2.0.0` before `10.0.0`).
-fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
-    let mut left = a.split(['.', '-', '+']);
-    let mut right = b.split(['.', '-', '+']);
-    loop {
-        match (left.next(), right.next()) {
-            (None, None) => return std::cmp::Ordering::Equal,
-            (None, Some(_)) => return std::cmp::Ordering::Less,
-            (Some(_), None) => return std::cmp::Ordering::Greater,
-            (Some(x), Some(y)) => {
-                let order = match (x.parse::<u64>(), y.parse::<u64>()) {
-                    (Ok(x), Ok(y)) => x.cmp(&y),
-                    _ => x.cmp(y),
-                };
-                if order.is_ne() {
-                    return order;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::version_order;
-
-    #[test]
-    fn versions_order_numerically() {
-        let mut v = vec!["10.0.0", "2.0.0", "2.0.0-rc1", "1.9", "a"];
-        v.sort_by(|a, b| version_order(a, b));
-        assert_eq!(v, ["1.9", "2.0.0", "2.0.0-rc1", "10.0.0", "a"]);
-    }
 }
