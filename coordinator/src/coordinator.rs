@@ -93,7 +93,9 @@ impl Coordinator {
         validate_constraints(req.constraints.as_ref())?;
         let run_id = req.run_id.clone().unwrap_or_else(|| new_id("run"));
         let root_id = new_id("node_run");
-        let info = self.catalog.lookup(&req.root_node_type_ref).await;
+        // Starting a run never waits on another service: what the catalog does
+        // not know yet, dispatch resolves (kind and the node type's constraints).
+        let info = self.catalog.lookup_cached(&req.root_node_type_ref);
         let root_constraints =
             constraints::merge([req.constraints.as_ref(), info.constraints.as_ref()]);
         let decision = self

@@ -5,4 +5,5 @@
 
 mod api;
 mod e2e;
+mod peers;
 mod support;
