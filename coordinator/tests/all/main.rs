@@ -5,5 +5,6 @@
 
 mod api;
 mod e2e;
+mod latency;
 mod peers;
 mod support;
