@@ -63,7 +63,15 @@ struct Shared {
 struct State {
     /// By (id, version); `Some(None)` when the registry does not know the type.
     registry: HashMap<(String, String), Cached<Option<NodeTypeInfo>>>,
-    listing: Cached<Listing>,
+    /// Each executor's own listing, so one that hangs delays nothing the other lists.
+    listings: [Cached<Listing>; 2],
+}
+
+/// The executors whose `GET /v1/node-types` the catalog reads (an index into `listings`).
+#[derive(Debug, Clone, Copy)]
+enum Executor {
+    Atomic = 0,
+    Composite = 1,
 }
 
 /// One source's answer and the single fetch that may replace it.
@@ -114,7 +122,7 @@ impl<T> Cached<T> {
 #[derive(Debug, Default)]
 struct Due {
     registry: Option<(String, String)>,
-    listing: bool,
+    listings: [bool; 2],
 }
 
 impl NodeCatalog {
@@ -174,8 +182,10 @@ impl NodeCatalog {
         if let Some(key) = due.registry {
             self.spawn(self.shared.clone().fetch_registry(key));
         }
-        if due.listing {
-            self.spawn(self.shared.clone().fetch_listing());
+        for executor in [Executor::Atomic, Executor::Composite] {
+            if due.listings[executor as usize] {
+                self.spawn(self.shared.clone().fetch_listing(executor));
+            }
         }
         answer
     }
@@ -199,7 +209,13 @@ impl Shared {
                 state.registry.retain(|_, e| e.in_flight);
             }
             let entry = state.registry.entry(key).or_default();
-            if entry.claim(TTL) {
+            // "Not found" is asked again soon: the type may be registered any moment.
+            let max_age = if matches!(entry.value, Some(Some(_))) {
+                TTL
+            } else {
+                MISS_REFETCH
+            };
+            if entry.claim(max_age) {
                 due.registry = Some((r.node_type_id.clone(), r.version.clone()));
             }
             if let Some(Some(info)) = &entry.value {
@@ -208,13 +224,20 @@ impl Shared {
             pending |= entry.first_answer_pending();
             unreachable |= entry.unreachable;
         }
-        let mut listed = None;
-        if self.atomic.is_some() || self.composite.is_some() {
-            let listing = &mut state.listing;
-            listed = listing.value.as_ref().and_then(|l| find_listed(l, r));
-            // A type not listed may have been added since: ask again soon, not after the TTL.
-            let max_age = if listed.is_some() { TTL } else { MISS_REFETCH };
-            due.listing = listing.claim(max_age);
+        let configured = [self.atomic.is_some(), self.composite.is_some()];
+        let listed = state
+            .listings
+            .iter()
+            .zip(configured)
+            .filter(|(_, configured)| *configured)
+            .find_map(|(listing, _)| listing.value.as_ref().and_then(|l| find_listed(l, r)));
+        // A type nobody lists may have been added since: ask again soon, not after the TTL.
+        let max_age = if listed.is_some() { TTL } else { MISS_REFETCH };
+        for (i, listing) in state.listings.iter_mut().enumerate() {
+            if !configured[i] {
+                continue;
+            }
+            due.listings[i] = listing.claim(max_age);
             if listed.is_none() {
                 pending |= listing.in_flight;
             }
@@ -261,51 +284,40 @@ impl Shared {
         self.fetched.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    async fn fetch_listing(self: Arc<Self>) {
-        let atomic = async {
-            match &self.atomic {
-                Some(c) => Some(c.node_types().await),
-                None => None,
-            }
+    async fn fetch_listing(self: Arc<Self>, executor: Executor) {
+        let result = match executor {
+            Executor::Atomic => match &self.atomic {
+                Some(c) => c.node_types().await,
+                None => return,
+            },
+            Executor::Composite => match &self.composite {
+                Some(c) => c.node_types().await,
+                None => return,
+            },
         };
-        let composite = async {
-            match &self.composite {
-                Some(c) => Some(c.node_types().await),
-                None => None,
-            }
-        };
-        let (atomic, composite) = tokio::join!(atomic, composite);
-        let mut listed = Listing::new();
-        let mut unreachable = false;
-        let answers = [
-            (atomic, "atomic executor"),
-            (composite, "composite executor"),
-        ];
-        for (result, service) in answers {
-            match result {
-                None => {}
-                Some(Ok(types)) => types
-                    .into_iter()
-                    .for_each(|t| listed.entry(t.node_type_id.clone()).or_default().push(t)),
-                Some(Err(err)) => {
-                    unreachable |= matches!(err, CallError::Transient { .. });
-                    tracing::debug!(error = %err, service, "node types unavailable");
-                }
-            }
-        }
         {
             let mut state = self.state.lock().unwrap();
-            let listing = &mut state.listing;
+            let listing = &mut state.listings[executor as usize];
             listing.in_flight = false;
-            listing.unreachable = unreachable;
-            if unreachable {
+            listing.unreachable = matches!(result, Err(CallError::Transient { .. }));
+            match result {
+                Ok(types) => {
+                    let mut listed = Listing::new();
+                    for t in types {
+                        listed.entry(t.node_type_id.clone()).or_default().push(t);
+                    }
+                    listing.value = Some(listed);
+                    listing.fetched_at = Some(Instant::now());
+                }
                 // Keep what an unreachable executor listed before.
-                let mut merged = listing.value.take().unwrap_or_default();
-                merged.extend(listed);
-                listing.value = Some(merged);
-            } else {
-                listing.value = Some(listed);
-                listing.fetched_at = Some(Instant::now());
+                Err(CallError::Transient { reason, .. }) => {
+                    tracing::debug!(?executor, reason, "node types unavailable");
+                }
+                Err(CallError::Terminal(error)) => {
+                    tracing::debug!(?executor, code = error.code, "node types refused");
+                    listing.value = Some(Listing::new());
+                    listing.fetched_at = Some(Instant::now());
+                }
             }
         }
         self.fetched.send_modify(|n| *n = n.wrapping_add(1));

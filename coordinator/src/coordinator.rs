@@ -288,10 +288,12 @@ impl Coordinator {
         if parent_kind != Some(NodeKind::Composite) {
             return Err(parent_invalid());
         }
-        let mut infos: Vec<NodeTypeInfo> = Vec::with_capacity(req.node_runs.len());
-        for spec in &req.node_runs {
-            infos.push(self.catalog.lookup(&spec.node_type_ref).await);
-        }
+        // Together, so a source that hangs costs the request one bounded wait, not one per child.
+        let lookups = req
+            .node_runs
+            .iter()
+            .map(|s| self.catalog.lookup(&s.node_type_ref));
+        let infos: Vec<NodeTypeInfo> = futures_util::future::join_all(lookups).await;
         let auto_dispatch = self.config.auto_dispatch;
         let default_timeout = self.config.node_run_timeout;
 

@@ -15,7 +15,10 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::support::{Coordinator, Options, config, json_response};
+use crate::support::{
+    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, config,
+    json_response,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -366,4 +369,44 @@ async fn a_hung_executor_delays_no_post_and_runs_complete_once_it_recovers() {
             .await;
         assert_eq!(done["state"], "succeeded", "{root}");
     }
+}
+
+#[tokio::test]
+async fn a_hung_atomic_executor_delays_neither_composite_runs_nor_their_children() {
+    let hung = HungExecutor::start().await;
+    let composite = TestCompositeExecutor::start(CompositeMode::Hold).await;
+    let s = start(
+        Options {
+            atomic_executor_url: Some(format!("http://127.0.0.1:{}", hung.port)),
+            composite_executor_url: Some(composite.url.clone()),
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let run = s
+        .coord
+        .start_run(COMPOSITE_TYPE, "1", json!({}), json!({}))
+        .await;
+    let root_id = run["root_node_run_id"].as_str().unwrap();
+    // Its kind comes from the composite executor's listing, not the hung one's (10 s timeout).
+    s.coord
+        .wait_node_state(root_id, "running", Duration::from_secs(5))
+        .await;
+
+    let children: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({"node_type_ref": {"node_type_id": "jarvis.core.echo", "version": "0.3.8"},
+                        "inputs": {"echo": format!("child-{i}")}})
+        })
+        .collect();
+    let body =
+        json!({"run_id": run["run_id"], "parent_node_run_id": root_id, "node_runs": children});
+    let started = Instant::now();
+    let (status, created) = s.coord.post("/v1/node-runs", body).await;
+    let took = started.elapsed();
+    assert!(status.is_success(), "{created}");
+    // One bounded wait (1 s) for the listing, not one per child.
+    assert!(took < Duration::from_millis(1800), "{took:?}");
+    drop(hung);
 }
