@@ -2,7 +2,8 @@
 //!
 //! The types mirror the spec's JSON Schemas: objects the spec closes with
 //! `additionalProperties: false` reject unknown fields, and absent optional
-//! fields are omitted on output (never `null`). No runtime lives here, so the
+//! fields are omitted on output (never `null`). Answers from other services
+//! are read through [`peer`]'s liberal twins instead. No runtime lives here, so the
 //! run coordinator can share these types without compiling wasmtime.
 //!
 //! # Layout
@@ -12,6 +13,7 @@
 //! - [`run`]: the Run Coordinator's runs, node runs, run events and requests.
 //! - [`composite`]: the Composite Executor's begin request and response.
 //! - [`pdp`]: policy decision requests and decisions.
+//! - [`peer`]: peers' answers read liberally (unknown fields, any extension key).
 //! - [`time`]: RFC 3339 timestamps as the spec writes them.
 
 pub mod atomic;
@@ -19,6 +21,7 @@ pub mod common;
 pub mod composite;
 pub mod core;
 pub mod pdp;
+pub mod peer;
 pub mod run;
 pub mod time;
 

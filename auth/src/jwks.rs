@@ -1,14 +1,15 @@
 //! The JWKS cache: verification keys by `kid`, refreshed in the background when old and on an
-//! unknown `kid` at most once per cooldown, with every fetch bounded by a timeout.
+//! unknown `kid` at most once per cooldown; every fetch is bounded by a timeout, a wait on one by 1 s.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use reqwest::Url;
+use tokio::sync::watch;
 
 use crate::discovery::{self, FetchError};
 use crate::settings::KeySource;
@@ -105,9 +106,14 @@ pub(crate) enum KeyLookupError {
     Unavailable(String),
 }
 
+/// How long a token with an unknown `kid` waits for the JWKS fetch it started or joined.
+const MISS_WAIT: Duration = Duration::from_secs(1);
+
 struct RefreshState {
     /// Resolved through discovery on first use, then kept.
     jwks_uri: Option<Url>,
+    /// A fetch is running; others join it instead of starting their own.
+    in_flight: bool,
     last_attempt: Option<Instant>,
     last_failure: Option<String>,
 }
@@ -119,9 +125,10 @@ pub(crate) struct KeyStore {
     cooldown: Duration,
     /// Read on every request: a short read lock and an `Arc` clone, no network.
     current: RwLock<Arc<KeySet>>,
-    /// Held across a fetch so concurrent requests wait for one fetch instead of each making one.
-    refresh: tokio::sync::Mutex<RefreshState>,
-    background_refresh: AtomicBool,
+    /// Held only to decide on or record a fetch, never across one.
+    refresh: Mutex<RefreshState>,
+    /// Bumped whenever a fetch ends, for requests waiting on it.
+    fetch_ended: watch::Sender<u64>,
     fetches: AtomicU64,
     /// Bumped whenever a new key set replaces the old, so results verified with the old one
     /// can be told apart.
@@ -141,12 +148,13 @@ impl KeyStore {
             ttl,
             cooldown,
             current: RwLock::new(Arc::new(KeySet::default())),
-            refresh: tokio::sync::Mutex::new(RefreshState {
+            refresh: Mutex::new(RefreshState {
                 jwks_uri: None,
+                in_flight: false,
                 last_attempt: None,
                 last_failure: None,
             }),
-            background_refresh: AtomicBool::new(false),
+            fetch_ended: watch::channel(0).0,
             fetches: AtomicU64::new(0),
             generation: AtomicU64::new(0),
         }
@@ -159,6 +167,10 @@ impl KeyStore {
             .clone()
     }
 
+    fn refresh_state(&self) -> std::sync::MutexGuard<'_, RefreshState> {
+        self.refresh.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Which key set is current; changes whenever keys are (re)loaded.
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -169,7 +181,8 @@ impl KeyStore {
         self.fetches.load(Ordering::Relaxed)
     }
 
-    /// The key for a token's `kid` and `alg`, fetching the JWKS if it is unknown.
+    /// The key for a token's `kid` and `alg`. A known key never waits on a fetch (a stale set
+    /// is refreshed in the background); an unknown one waits at most [`MISS_WAIT`] for one.
     pub(crate) async fn key_for(
         self: &Arc<Self>,
         kid: Option<&str>,
@@ -194,84 +207,128 @@ impl KeyStore {
             })
     }
 
-    /// Loads the key set now; a service may call this at start to warm the cache.
-    pub(crate) async fn prefetch(&self) -> Result<(), KeyLookupError> {
-        let mut state = self.refresh.lock().await;
-        self.fetch_locked(&mut state).await
+    /// Loads the key set now (or waits for the fetch in flight); a service may call this at
+    /// start to warm the cache.
+    pub(crate) async fn prefetch(self: &Arc<Self>) -> Result<(), KeyLookupError> {
+        let mut ended = self.fetch_ended.subscribe();
+        {
+            let mut state = self.refresh_state();
+            if !state.in_flight {
+                self.start_fetch(&mut state);
+            }
+        }
+        let _ = ended.changed().await;
+        match &self.refresh_state().last_failure {
+            Some(reason) => Err(KeyLookupError::Unavailable(reason.clone())),
+            None => Ok(()),
+        }
     }
 
     /// A miss may mean a rotated key: fetch again unless another request did so since `seen`,
     /// or the last attempt is younger than the cooldown (which bounds the load unknown `kid`s
-    /// can put on the IdP and makes a dead IdP cost nothing per request).
-    async fn refresh_after_miss(&self, seen: &Arc<KeySet>) -> Result<(), KeyLookupError> {
-        let mut state = self.refresh.lock().await;
-        if !Arc::ptr_eq(seen, &self.snapshot()) {
-            return Ok(());
-        }
-        if let Some(at) = state.last_attempt
-            && at.elapsed() < self.cooldown
+    /// can put on the IdP and makes a dead IdP cost nothing per request). A fetch in flight is
+    /// joined, and waited for at most [`MISS_WAIT`].
+    async fn refresh_after_miss(
+        self: &Arc<Self>,
+        seen: &Arc<KeySet>,
+    ) -> Result<(), KeyLookupError> {
+        // Subscribed before deciding, so a fetch that ends in between still wakes us.
+        let mut ended = self.fetch_ended.subscribe();
         {
-            return match &state.last_failure {
-                Some(reason) => Err(KeyLookupError::Unavailable(reason.clone())),
-                None => Ok(()),
-            };
+            let mut state = self.refresh_state();
+            if !Arc::ptr_eq(seen, &self.snapshot()) {
+                return Ok(());
+            }
+            if !state.in_flight {
+                if let Some(at) = state.last_attempt
+                    && at.elapsed() < self.cooldown
+                {
+                    return match &state.last_failure {
+                        Some(reason) => Err(KeyLookupError::Unavailable(reason.clone())),
+                        None => Ok(()),
+                    };
+                }
+                self.start_fetch(&mut state);
+            }
         }
-        self.fetch_locked(&mut state).await
+        if tokio::time::timeout(MISS_WAIT, ended.changed())
+            .await
+            .is_err()
+        {
+            return Err(KeyLookupError::Unavailable(format!(
+                "no JWKS answer within {MISS_WAIT:?}"
+            )));
+        }
+        match &self.refresh_state().last_failure {
+            Some(reason) if Arc::ptr_eq(seen, &self.snapshot()) => {
+                Err(KeyLookupError::Unavailable(reason.clone()))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
-        if self.background_refresh.swap(true, Ordering::AcqRel) {
-            return;
+        let mut state = self.refresh_state();
+        let stale = self
+            .snapshot()
+            .fetched_at
+            .is_none_or(|at| at.elapsed() >= self.ttl);
+        if stale && !state.in_flight {
+            self.start_fetch(&mut state);
         }
+    }
+
+    /// Starts the one fetch allowed at a time. It runs in a task of its own so that a request
+    /// that stops waiting (or goes away) leaves it to finish for the next one.
+    fn start_fetch(self: &Arc<Self>, state: &mut RefreshState) {
+        state.in_flight = true;
+        state.last_attempt = Some(Instant::now());
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let known_uri = state.jwks_uri.clone();
         let store = Arc::clone(self);
         tokio::spawn(async move {
-            let mut state = store.refresh.lock().await;
-            let stale = store
-                .snapshot()
-                .fetched_at
-                .is_none_or(|at| at.elapsed() >= store.ttl);
-            if stale && let Err(error) = store.fetch_locked(&mut state).await {
-                tracing::warn!(%error, "background JWKS refresh failed; keeping the cached keys");
+            let (uri, result) = store.fetch(known_uri).await;
+            {
+                let mut state = store.refresh_state();
+                state.in_flight = false;
+                if uri.is_some() {
+                    state.jwks_uri = uri;
+                }
+                match result {
+                    Ok(set) => {
+                        tracing::debug!(
+                            keys = set.by_kid.len() + set.without_kid.len(),
+                            "JWKS loaded"
+                        );
+                        *store.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                        store.generation.fetch_add(1, Ordering::AcqRel);
+                        state.last_failure = None;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "JWKS fetch failed; keeping the cached keys");
+                        state.last_failure = Some(error.to_string());
+                    }
+                }
             }
-            drop(state);
-            store.background_refresh.store(false, Ordering::Release);
+            store.fetch_ended.send_modify(|n| *n = n.wrapping_add(1));
         });
     }
 
-    async fn fetch_locked(&self, state: &mut RefreshState) -> Result<(), KeyLookupError> {
-        state.last_attempt = Some(Instant::now());
-        self.fetches.fetch_add(1, Ordering::Relaxed);
-        match self.fetch(state).await {
-            Ok(set) => {
-                tracing::debug!(
-                    keys = set.by_kid.len() + set.without_kid.len(),
-                    "JWKS loaded"
-                );
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-                self.generation.fetch_add(1, Ordering::AcqRel);
-                state.last_failure = None;
-                Ok(())
-            }
-            Err(error) => {
-                tracing::warn!(%error, "JWKS fetch failed");
-                let reason = error.to_string();
-                state.last_failure = Some(reason.clone());
-                Err(KeyLookupError::Unavailable(reason))
-            }
-        }
-    }
-
-    async fn fetch(&self, state: &mut RefreshState) -> Result<KeySet, FetchError> {
-        let uri = match (&state.jwks_uri, &self.source) {
-            (Some(uri), _) | (None, KeySource::Jwks(uri)) => uri.clone(),
+    /// Fetches the key set; also returns the JWKS URI when discovery had to find it.
+    async fn fetch(&self, known_uri: Option<Url>) -> (Option<Url>, Result<KeySet, FetchError>) {
+        let uri = match (known_uri, &self.source) {
+            (Some(uri), _) => uri,
+            (None, KeySource::Jwks(uri)) => uri.clone(),
             (None, KeySource::Discovery(discovery)) => {
-                let uri =
-                    discovery::discover(&self.http, discovery, "jwks_uri", |d| d.jwks_uri).await?;
-                state.jwks_uri = Some(uri.clone());
-                uri
+                match discovery::discover(&self.http, discovery, "jwks_uri", |d| d.jwks_uri).await {
+                    Ok(uri) => uri,
+                    Err(error) => return (None, Err(error)),
+                }
             }
         };
-        let jwks: JwkSet = discovery::get_json(&self.http, &uri).await?;
-        Ok(KeySet::from_jwks(jwks))
+        let result = discovery::get_json::<JwkSet>(&self.http, &uri)
+            .await
+            .map(KeySet::from_jwks);
+        (Some(uri), result)
     }
 }

@@ -1,11 +1,18 @@
 //! Node kind and node-type constraints: the Node Registry, else the executors' own catalogs, else the id prefix.
+//!
+//! Answers are cached and refreshed in the background, one fetch per source at a
+//! time: a lookup never makes a call itself and no lock is held while a fetch runs,
+//! so a hung executor or registry delays no caller by more than the wait it chose.
+//! A stale answer is served while its refresh runs; a lookup that finds nothing
+//! may wait a short while for a fetch in flight.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arp_types::{ConstraintEnvelope, NodeKind, NodeType, NodeTypeRef};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::clients::{
     AtomicExecutorClient, CallError, CompositeExecutorClient, NodeRegistryClient,
@@ -13,8 +20,13 @@ use crate::clients::{
 
 /// How long a fetched node type (or executor listing) is trusted.
 const TTL: Duration = Duration::from_secs(30);
-/// A miss refetches the executor listings at most this often.
+/// A source is asked again at most this often: after a failed fetch, or when a
+/// node type it did not list is looked up (unknown ids must not cause a storm).
 const MISS_REFETCH: Duration = Duration::from_secs(1);
+/// How long [`NodeCatalog::lookup`] waits for a fetch in flight that may know the type.
+pub const LOOKUP_WAIT: Duration = Duration::from_secs(1);
+/// Registry answers kept; clients choose the ids, so the cache is bounded.
+const REGISTRY_ENTRIES_MAX: usize = 4096;
 
 /// What the coordinator needs to know about a node type.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,21 +34,95 @@ pub struct NodeTypeInfo {
     /// `None` when no source knows the type and its id has no `atomic.`/`composite.` prefix.
     pub kind: Option<NodeKind>,
     pub constraints: Option<ConstraintEnvelope>,
-    /// A source could not be reached: an unknown kind may become known later.
+    /// A source could not be reached (or has not answered yet): an unknown kind may become known later.
     pub sources_unreachable: bool,
 }
 
+/// Node types by id, each with the versions listed.
+type Listing = HashMap<String, Vec<NodeType>>;
+
 #[derive(Debug)]
 pub struct NodeCatalog {
+    shared: Arc<Shared>,
+    /// Fetches in flight. They only read, so dropping the catalog may abort them.
+    fetches: Mutex<JoinSet<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
     registry: Option<NodeRegistryClient>,
     atomic: Option<AtomicExecutorClient>,
     composite: Option<CompositeExecutorClient>,
-    registry_cache: RwLock<HashMap<(String, String), (Instant, NodeTypeInfo)>>,
-    listing: tokio::sync::Mutex<Option<Instant>>,
-    /// Node types the executors list, by id then version.
-    listed: RwLock<HashMap<String, Vec<NodeType>>>,
-    listing_unreachable: AtomicBool,
-    registry_unreachable: AtomicBool,
+    /// Held only to read or record answers, never across a fetch.
+    state: Mutex<State>,
+    /// Bumped after every fetch ends, for lookups waiting on one.
+    fetched: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// By (id, version); `Some(None)` when the registry does not know the type.
+    registry: HashMap<(String, String), Cached<Option<NodeTypeInfo>>>,
+    /// Each executor's own listing, so one that hangs delays nothing the other lists.
+    listings: [Cached<Listing>; 2],
+}
+
+/// The executors whose `GET /v1/node-types` the catalog reads (an index into `listings`).
+#[derive(Debug, Clone, Copy)]
+enum Executor {
+    Atomic = 0,
+    Composite = 1,
+}
+
+/// One source's answer and the single fetch that may replace it.
+#[derive(Debug)]
+struct Cached<T> {
+    value: Option<T>,
+    /// When the last successful fetch ended.
+    fetched_at: Option<Instant>,
+    started_at: Option<Instant>,
+    in_flight: bool,
+    /// The last fetch could not reach the source.
+    unreachable: bool,
+}
+
+impl<T> Default for Cached<T> {
+    fn default() -> Self {
+        Self {
+            value: None,
+            fetched_at: None,
+            started_at: None,
+            in_flight: false,
+            unreachable: false,
+        }
+    }
+}
+
+impl<T> Cached<T> {
+    /// Claims the one fetch allowed if the answer is older than `max_age`, none is in
+    /// flight and none started within [`MISS_REFETCH`]; the caller then starts it.
+    fn claim(&mut self, max_age: Duration) -> bool {
+        let due = !self.in_flight
+            && self.fetched_at.is_none_or(|t| t.elapsed() >= max_age)
+            && self.started_at.is_none_or(|t| t.elapsed() >= MISS_REFETCH);
+        if due {
+            self.in_flight = true;
+            self.started_at = Some(Instant::now());
+        }
+        due
+    }
+
+    /// No answer yet, but a fetch that may bring one is in flight.
+    fn first_answer_pending(&self) -> bool {
+        self.value.is_none() && self.in_flight
+    }
+}
+
+/// The fetches a lookup found due.
+#[derive(Debug, Default)]
+struct Due {
+    registry: Option<(String, String)>,
+    listings: [bool; 2],
 }
 
 impl NodeCatalog {
@@ -46,133 +132,208 @@ impl NodeCatalog {
         composite: Option<CompositeExecutorClient>,
     ) -> Self {
         Self {
-            registry,
-            atomic,
-            composite,
-            registry_cache: RwLock::default(),
-            listing: tokio::sync::Mutex::new(None),
-            listed: RwLock::default(),
-            listing_unreachable: AtomicBool::new(false),
-            registry_unreachable: AtomicBool::new(false),
+            shared: Arc::new(Shared {
+                registry,
+                atomic,
+                composite,
+                state: Mutex::default(),
+                fetched: watch::channel(0).0,
+            }),
+            fetches: Mutex::default(),
         }
     }
 
+    /// What is known about the type, waiting at most [`LOOKUP_WAIT`] for a fetch in flight.
     pub async fn lookup(&self, node_type_ref: &NodeTypeRef) -> NodeTypeInfo {
-        if let Some(info) = self.lookup_registry(node_type_ref).await {
-            return info;
-        }
-        if let Some(info) = self.lookup_executors(node_type_ref).await {
-            return info;
-        }
-        NodeTypeInfo {
-            kind: infer_kind(&node_type_ref.node_type_id),
-            constraints: None,
-            sources_unreachable: self.registry_unreachable.load(Ordering::Relaxed)
-                || self.listing_unreachable.load(Ordering::Relaxed),
-        }
+        self.lookup_within(node_type_ref, LOOKUP_WAIT).await
     }
 
-    async fn lookup_registry(&self, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
-        let registry = self.registry.as_ref()?;
-        let key = (r.node_type_id.clone(), r.version.clone());
-        if let Some((at, info)) = self.registry_cache.read().unwrap().get(&key)
-            && at.elapsed() < TTL
-        {
-            return Some(info.clone());
-        }
-        match registry.node_type(&r.node_type_id, &r.version).await {
-            Ok(node_type) => {
-                self.registry_unreachable.store(false, Ordering::Relaxed);
-                let info = NodeTypeInfo {
-                    kind: Some(node_type.kind),
-                    constraints: node_type.constraints,
-                    sources_unreachable: false,
-                };
-                self.registry_cache
-                    .write()
-                    .unwrap()
-                    .insert(key, (Instant::now(), info.clone()));
-                Some(info)
+    /// What is known about the type right now (stale answers included); starts
+    /// any refresh that is due in the background. For paths that must not wait
+    /// on another service, such as starting a run.
+    pub fn lookup_cached(&self, node_type_ref: &NodeTypeRef) -> NodeTypeInfo {
+        self.check(node_type_ref).0
+    }
+
+    /// What is known about the type, waiting at most `wait` for fetches in flight.
+    pub async fn lookup_within(&self, node_type_ref: &NodeTypeRef, wait: Duration) -> NodeTypeInfo {
+        let deadline = tokio::time::Instant::now() + wait;
+        // Subscribed before checking, so a fetch that ends in between still wakes us.
+        let mut fetched = self.shared.fetched.subscribe();
+        loop {
+            let (best, pending) = self.check(node_type_ref);
+            if !pending {
+                return best;
             }
-            Err(err) => {
-                let unreachable = matches!(err, CallError::Transient { .. });
-                self.registry_unreachable
-                    .store(unreachable, Ordering::Relaxed);
-                tracing::debug!(node_type_id = %r.node_type_id, error = %err, "node registry lookup failed");
-                None
+            if tokio::time::timeout_at(deadline, fetched.changed())
+                .await
+                .is_err()
+            {
+                return best;
             }
         }
     }
 
-    async fn lookup_executors(&self, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
-        if self.atomic.is_none() && self.composite.is_none() {
-            return None;
+    /// The best answer now, and whether a fetch in flight may still improve it.
+    /// Starts the fetches that are due.
+    fn check(&self, r: &NodeTypeRef) -> (NodeTypeInfo, bool) {
+        let mut due = Due::default();
+        let answer = self.shared.check(r, &mut due);
+        if let Some(key) = due.registry {
+            self.spawn(self.shared.clone().fetch_registry(key));
         }
-        let fresh = {
-            let last = self.listing.lock().await;
-            last.is_some_and(|at| at.elapsed() < TTL)
-        };
-        if !fresh {
-            self.refresh_listing(TTL).await;
+        for executor in [Executor::Atomic, Executor::Composite] {
+            if due.listings[executor as usize] {
+                self.spawn(self.shared.clone().fetch_listing(executor));
+            }
         }
-        if let Some(info) = self.find_listed(r) {
-            return Some(info);
-        }
-        self.refresh_listing(MISS_REFETCH).await;
-        self.find_listed(r)
+        answer
     }
 
-    fn find_listed(&self, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
-        let listed = self.listed.read().unwrap();
-        let versions = listed.get(&r.node_type_id)?;
-        // The exact version's constraints apply; any version tells the kind.
-        let exact = versions.iter().find(|t| t.version == r.version);
-        let node_type = exact.or_else(|| versions.first())?;
-        Some(NodeTypeInfo {
-            kind: Some(node_type.kind),
-            constraints: exact.and_then(|t| t.constraints.clone()),
-            sources_unreachable: false,
-        })
+    fn spawn(&self, fetch: impl Future<Output = ()> + Send + 'static) {
+        let mut fetches = self.fetches.lock().unwrap();
+        while fetches.try_join_next().is_some() {}
+        fetches.spawn(fetch);
     }
+}
 
-    /// Refetches the listings unless the last fetch is younger than `min_age`;
-    /// concurrent callers wait for one fetch instead of each making their own.
-    async fn refresh_listing(&self, min_age: Duration) {
-        let mut last = self.listing.lock().await;
-        if last.is_some_and(|at| at.elapsed() < min_age) {
-            return;
-        }
-        let mut listed: HashMap<String, Vec<NodeType>> = HashMap::new();
+impl Shared {
+    fn check(&self, r: &NodeTypeRef, due: &mut Due) -> (NodeTypeInfo, bool) {
+        let mut state = self.state.lock().unwrap();
+        let mut pending = false;
         let mut unreachable = false;
-        let mut add = |result: Result<Vec<NodeType>, CallError>, service: &str| match result {
-            Ok(types) => types
-                .into_iter()
-                .for_each(|t| listed.entry(t.node_type_id.clone()).or_default().push(t)),
-            Err(err) => {
-                unreachable |= matches!(err, CallError::Transient { .. });
-                tracing::debug!(error = %err, service, "node types unavailable");
+        if self.registry.is_some() {
+            let key = (r.node_type_id.clone(), r.version.clone());
+            if state.registry.len() >= REGISTRY_ENTRIES_MAX && !state.registry.contains_key(&key) {
+                // Settled answers are refetched when asked for again.
+                state.registry.retain(|_, e| e.in_flight);
             }
-        };
-        if let Some(atomic) = &self.atomic {
-            add(atomic.node_types().await, "atomic executor");
-        }
-        if let Some(composite) = &self.composite {
-            add(composite.node_types().await, "composite executor");
-        }
-        self.listing_unreachable
-            .store(unreachable, Ordering::Relaxed);
-        if unreachable {
-            // Keep what an unreachable executor listed before.
-            let mut old = self.listed.write().unwrap();
-            for (id, types) in listed {
-                old.insert(id, types);
+            let entry = state.registry.entry(key).or_default();
+            // "Not found" is asked again soon: the type may be registered any moment.
+            let max_age = if matches!(entry.value, Some(Some(_))) {
+                TTL
+            } else {
+                MISS_REFETCH
+            };
+            if entry.claim(max_age) {
+                due.registry = Some((r.node_type_id.clone(), r.version.clone()));
             }
-            *last = Some(Instant::now());
-            return;
+            if let Some(Some(info)) = &entry.value {
+                return (info.clone(), false);
+            }
+            pending |= entry.first_answer_pending();
+            unreachable |= entry.unreachable;
         }
-        *self.listed.write().unwrap() = listed;
-        *last = Some(Instant::now());
+        let configured = [self.atomic.is_some(), self.composite.is_some()];
+        let listed = state
+            .listings
+            .iter()
+            .zip(configured)
+            .filter(|(_, configured)| *configured)
+            .find_map(|(listing, _)| listing.value.as_ref().and_then(|l| find_listed(l, r)));
+        // A type nobody lists may have been added since: ask again soon, not after the TTL.
+        let max_age = if listed.is_some() { TTL } else { MISS_REFETCH };
+        for (i, listing) in state.listings.iter_mut().enumerate() {
+            if !configured[i] {
+                continue;
+            }
+            due.listings[i] = listing.claim(max_age);
+            if listed.is_none() {
+                pending |= listing.in_flight;
+            }
+            unreachable |= listing.unreachable;
+        }
+        let best = listed.unwrap_or_else(|| NodeTypeInfo {
+            kind: infer_kind(&r.node_type_id),
+            constraints: None,
+            sources_unreachable: unreachable || pending,
+        });
+        (best, pending)
     }
+
+    async fn fetch_registry(self: Arc<Self>, key: (String, String)) {
+        let Some(registry) = &self.registry else {
+            return;
+        };
+        let result = registry.node_type(&key.0, &key.1).await;
+        if let Err(err) = &result {
+            tracing::debug!(node_type_id = %key.0, version = %key.1, error = %err, "node registry lookup failed");
+        }
+        {
+            let mut state = self.state.lock().unwrap();
+            let entry = state.registry.entry(key).or_default();
+            entry.in_flight = false;
+            entry.unreachable = matches!(result, Err(CallError::Transient { .. }));
+            match result {
+                Ok(node_type) => {
+                    entry.value = Some(Some(NodeTypeInfo {
+                        kind: Some(node_type.kind),
+                        constraints: node_type.constraints,
+                        sources_unreachable: false,
+                    }));
+                    entry.fetched_at = Some(Instant::now());
+                }
+                // Keep the last answer; the next lookup after MISS_REFETCH asks again.
+                Err(CallError::Transient { .. }) => {}
+                Err(CallError::Terminal(_)) => {
+                    entry.value = Some(None);
+                    entry.fetched_at = Some(Instant::now());
+                }
+            }
+        }
+        self.fetched.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    async fn fetch_listing(self: Arc<Self>, executor: Executor) {
+        let result = match executor {
+            Executor::Atomic => match &self.atomic {
+                Some(c) => c.node_types().await,
+                None => return,
+            },
+            Executor::Composite => match &self.composite {
+                Some(c) => c.node_types().await,
+                None => return,
+            },
+        };
+        {
+            let mut state = self.state.lock().unwrap();
+            let listing = &mut state.listings[executor as usize];
+            listing.in_flight = false;
+            listing.unreachable = matches!(result, Err(CallError::Transient { .. }));
+            match result {
+                Ok(types) => {
+                    let mut listed = Listing::new();
+                    for t in types {
+                        listed.entry(t.node_type_id.clone()).or_default().push(t);
+                    }
+                    listing.value = Some(listed);
+                    listing.fetched_at = Some(Instant::now());
+                }
+                // Keep what an unreachable executor listed before.
+                Err(CallError::Transient { reason, .. }) => {
+                    tracing::debug!(?executor, reason, "node types unavailable");
+                }
+                Err(CallError::Terminal(error)) => {
+                    tracing::debug!(?executor, code = error.code, "node types refused");
+                    listing.value = Some(Listing::new());
+                    listing.fetched_at = Some(Instant::now());
+                }
+            }
+        }
+        self.fetched.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+fn find_listed(listed: &Listing, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
+    let versions = listed.get(&r.node_type_id)?;
+    // The exact version's constraints apply; any version tells the kind.
+    let exact = versions.iter().find(|t| t.version == r.version);
+    let node_type = exact.or_else(|| versions.first())?;
+    Some(NodeTypeInfo {
+        kind: Some(node_type.kind),
+        constraints: exact.and_then(|t| t.constraints.clone()),
+        sources_unreachable: false,
+    })
 }
 
 /// `atomic.*` / `composite.*` prefixes, as the Python coordinator infers them.

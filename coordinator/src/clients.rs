@@ -4,10 +4,47 @@ use std::time::Duration;
 
 use arp_types::composite::{CompositeBeginRequest, CompositeBeginResponse};
 use arp_types::pdp::{PolicyDecision, PolicyDecisionRequest};
-use arp_types::{AtomicExecuteRequest, AtomicExecuteResult, ErrorDetail, ErrorEnvelope, NodeType};
+use arp_types::peer::{
+    PeerAtomicExecuteResult, PeerCompositeBeginResponse, PeerErrorEnvelope, PeerNodeType,
+    PeerPolicyDecision,
+};
+use arp_types::{AtomicExecuteRequest, AtomicExecuteResult, ErrorDetail, NodeType};
 use jarvis_auth::{OutboundAuth, TargetService};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
+
+/// The largest answer read from a peer; a larger one is refused, not buffered.
+const ANSWER_BYTES_MAX: usize = 64 << 20;
+
+/// The services the coordinator calls, named in error codes and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    AtomicExecutor,
+    CompositeExecutor,
+    NodeRegistry,
+    Pdp,
+}
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AtomicExecutor => "atomic executor",
+            Self::CompositeExecutor => "composite executor",
+            Self::NodeRegistry => "node registry",
+            Self::Pdp => "pdp",
+        }
+    }
+
+    /// The code of a failure caused by an answer we cannot use.
+    pub fn bad_response_code(self) -> &'static str {
+        match self {
+            Self::AtomicExecutor => "atomic_executor_bad_response",
+            Self::CompositeExecutor => "composite_executor_bad_response",
+            Self::NodeRegistry => "node_registry_bad_response",
+            Self::Pdp => "pdp_bad_response",
+        }
+    }
+}
 
 /// Why a call to another service failed, and what the caller should do about it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -29,23 +66,18 @@ impl CallError {
         Self::Terminal(ErrorDetail::new(code, message))
     }
 
-    fn from_reqwest(err: reqwest::Error, service: &str) -> Self {
-        if err.is_decode() {
-            return Self::terminal(
-                "executor_bad_response",
-                format!("{service} sent an invalid body: {err}"),
-            );
-        }
+    fn from_reqwest(err: reqwest::Error, peer: Peer) -> Self {
         // Connect refused, reset, timeouts and broken bodies are all worth retrying.
         Self::Transient {
-            reason: format!("{service}: {err}"),
+            reason: format!("{}: {err}", peer.name()),
             retry_after: None,
         }
     }
 
     /// Classifies a non-2xx answer: overload and gateway errors are transient,
     /// anything else is the service's own verdict (its ErrorEnvelope code when it sent one).
-    async fn from_status(resp: reqwest::Response, service: &str, fallback_code: &str) -> Self {
+    async fn from_status(resp: reqwest::Response, peer: Peer, fallback_code: &str) -> Self {
+        let service = peer.name();
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -53,8 +85,8 @@ impl CallError {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = resp.bytes().await.unwrap_or_default();
-        let envelope = serde_json::from_slice::<ErrorEnvelope>(&body).ok();
+        let body = read_body(resp, peer).await.unwrap_or_default();
+        let envelope = serde_json::from_slice::<PeerErrorEnvelope>(&body).ok();
         let transient = matches!(
             status,
             StatusCode::SERVICE_UNAVAILABLE
@@ -72,7 +104,7 @@ impl CallError {
             };
         }
         match envelope {
-            Some(envelope) => Self::Terminal(envelope.error),
+            Some(envelope) => Self::Terminal(envelope.error.into()),
             None => Self::terminal(fallback_code, format!("{service} answered {status}")),
         }
     }
@@ -102,14 +134,14 @@ impl Http {
         &self,
         method: Method,
         url: String,
-        service: &str,
+        peer: Peer,
     ) -> Result<RequestBuilder, CallError> {
         let request = self.client.request(method, url);
         match self.auth.authorization(self.target).await {
             Ok(Some(value)) => Ok(request.header(reqwest::header::AUTHORIZATION, value)),
             Ok(None) => Ok(request),
             Err(e) => Err(CallError::Transient {
-                reason: format!("{service}: no outbound token: {e}"),
+                reason: format!("{}: no outbound token: {e}", peer.name()),
                 retry_after: None,
             }),
         }
@@ -121,23 +153,66 @@ async fn post_json<B: serde::Serialize, R: DeserializeOwned>(
     url: String,
     body: &B,
     timeout: Duration,
-    service: &str,
+    peer: Peer,
     fallback_code: &str,
 ) -> Result<R, CallError> {
     let resp = http
-        .request(Method::POST, url, service)
+        .request(Method::POST, url, peer)
         .await?
         .json(body)
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| CallError::from_reqwest(e, service))?;
+        .map_err(|e| CallError::from_reqwest(e, peer))?;
     if !resp.status().is_success() {
-        return Err(CallError::from_status(resp, service, fallback_code).await);
+        return Err(CallError::from_status(resp, peer, fallback_code).await);
     }
-    resp.json::<R>()
+    read_json(resp, peer).await
+}
+
+/// An answer's body, at most [`ANSWER_BYTES_MAX`]; a body cut short is transient.
+async fn read_body(mut resp: reqwest::Response, peer: Peer) -> Result<Vec<u8>, CallError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
         .await
-        .map_err(|e| CallError::from_reqwest(e, service))
+        .map_err(|e| CallError::from_reqwest(e, peer))?
+    {
+        if body.len() + chunk.len() > ANSWER_BYTES_MAX {
+            return Err(CallError::terminal(
+                peer.bad_response_code(),
+                format!(
+                    "{} answered with more than {ANSWER_BYTES_MAX} bytes",
+                    peer.name()
+                ),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Reads a peer's answer into `T` (one of the liberal `arp_types::peer` types):
+/// a body it cannot be read into fails with the peer's `*_bad_response` code,
+/// and the log names the JSON path of the offending field.
+async fn read_json<T: DeserializeOwned>(
+    resp: reqwest::Response,
+    peer: Peer,
+) -> Result<T, CallError> {
+    let body = read_body(resp, peer).await?;
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        tracing::warn!(service = peer.name(), field = %path, error = %inner, "unusable answer");
+        CallError::terminal(
+            peer.bad_response_code(),
+            format!(
+                "{} sent an answer we cannot use: at `{path}`: {inner}",
+                peer.name()
+            ),
+        )
+    })
 }
 
 /// `POST /v1/atomic-node-runs:execute` and `:cancel` of an Atomic Executor.
@@ -158,24 +233,25 @@ impl AtomicExecutorClient {
         timeout: Duration,
     ) -> Result<AtomicExecuteResult, CallError> {
         let url = format!("{}/v1/atomic-node-runs:execute", self.base_url);
-        post_json(
+        post_json::<_, PeerAtomicExecuteResult>(
             &self.http,
             url,
             request,
             timeout,
-            "atomic executor",
+            Peer::AtomicExecutor,
             "atomic_executor_error",
         )
         .await
+        .map(Into::into)
     }
 
     pub async fn cancel(&self, node_run_id: &str) -> Result<(), CallError> {
         let url = format!("{}/v1/atomic-node-runs/{node_run_id}:cancel", self.base_url);
-        cancel(&self.http, url, "atomic executor").await
+        cancel(&self.http, url, Peer::AtomicExecutor).await
     }
 
     pub async fn node_types(&self) -> Result<Vec<NodeType>, CallError> {
-        list_node_types(&self.http, &self.base_url, "atomic executor").await
+        list_node_types(&self.http, &self.base_url, Peer::AtomicExecutor).await
     }
 }
 
@@ -197,15 +273,16 @@ impl CompositeExecutorClient {
         timeout: Duration,
     ) -> Result<CompositeBeginResponse, CallError> {
         let url = format!("{}/v1/composite-node-runs:begin", self.base_url);
-        post_json(
+        post_json::<_, PeerCompositeBeginResponse>(
             &self.http,
             url,
             request,
             timeout,
-            "composite executor",
+            Peer::CompositeExecutor,
             "composite_executor_error",
         )
         .await
+        .map(Into::into)
     }
 
     pub async fn cancel(&self, node_run_id: &str) -> Result<(), CallError> {
@@ -213,47 +290,46 @@ impl CompositeExecutorClient {
             "{}/v1/composite-node-runs/{node_run_id}:cancel",
             self.base_url
         );
-        cancel(&self.http, url, "composite executor").await
+        cancel(&self.http, url, Peer::CompositeExecutor).await
     }
 
     pub async fn node_types(&self) -> Result<Vec<NodeType>, CallError> {
-        list_node_types(&self.http, &self.base_url, "composite executor").await
+        list_node_types(&self.http, &self.base_url, Peer::CompositeExecutor).await
     }
 }
 
-async fn cancel(http: &Http, url: String, service: &str) -> Result<(), CallError> {
+async fn cancel(http: &Http, url: String, peer: Peer) -> Result<(), CallError> {
     let resp = http
-        .request(Method::POST, url, service)
+        .request(Method::POST, url, peer)
         .await?
         .timeout(Duration::from_secs(10))
         .send()
         .await
-        .map_err(|e| CallError::from_reqwest(e, service))?;
+        .map_err(|e| CallError::from_reqwest(e, peer))?;
     if resp.status().is_success() {
         Ok(())
     } else {
-        Err(CallError::from_status(resp, service, "cancel_failed").await)
+        Err(CallError::from_status(resp, peer, "cancel_failed").await)
     }
 }
 
 async fn list_node_types(
     http: &Http,
     base_url: &str,
-    service: &str,
+    peer: Peer,
 ) -> Result<Vec<NodeType>, CallError> {
     let resp = http
-        .request(Method::GET, format!("{base_url}/v1/node-types"), service)
+        .request(Method::GET, format!("{base_url}/v1/node-types"), peer)
         .await?
         .timeout(Duration::from_secs(10))
         .send()
         .await
-        .map_err(|e| CallError::from_reqwest(e, service))?;
+        .map_err(|e| CallError::from_reqwest(e, peer))?;
     if !resp.status().is_success() {
-        return Err(CallError::from_status(resp, service, "node_types_unavailable").await);
+        return Err(CallError::from_status(resp, peer, "node_types_unavailable").await);
     }
-    resp.json()
-        .await
-        .map_err(|e| CallError::from_reqwest(e, service))
+    let types: Vec<PeerNodeType> = read_json(resp, peer).await?;
+    Ok(types.into_iter().map(Into::into).collect())
 }
 
 /// `GET /v1/node-types/{id}?version=` of a Node Registry.
@@ -276,19 +352,21 @@ impl NodeRegistryClient {
         let url = format!("{}/v1/node-types/{node_type_id}", self.base_url);
         let resp = self
             .http
-            .request(Method::GET, url, "node registry")
+            .request(Method::GET, url, Peer::NodeRegistry)
             .await?
             .query(&[("version", version)])
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| CallError::from_reqwest(e, "node registry"))?;
+            .map_err(|e| CallError::from_reqwest(e, Peer::NodeRegistry))?;
         if !resp.status().is_success() {
-            return Err(CallError::from_status(resp, "node registry", "node_type_not_found").await);
+            return Err(
+                CallError::from_status(resp, Peer::NodeRegistry, "node_type_not_found").await,
+            );
         }
-        resp.json()
+        read_json::<PeerNodeType>(resp, Peer::NodeRegistry)
             .await
-            .map_err(|e| CallError::from_reqwest(e, "node registry"))
+            .map(Into::into)
     }
 }
 
@@ -309,14 +387,15 @@ impl PdpClient {
         request: &PolicyDecisionRequest,
     ) -> Result<PolicyDecision, CallError> {
         let url = format!("{}/v1/policy:decide", self.base_url);
-        post_json(
+        post_json::<_, PeerPolicyDecision>(
             &self.http,
             url,
             request,
             Duration::from_secs(10),
-            "pdp",
+            Peer::Pdp,
             "pdp_error",
         )
         .await
+        .map(Into::into)
     }
 }

@@ -93,7 +93,9 @@ impl Coordinator {
         validate_constraints(req.constraints.as_ref())?;
         let run_id = req.run_id.clone().unwrap_or_else(|| new_id("run"));
         let root_id = new_id("node_run");
-        let info = self.catalog.lookup(&req.root_node_type_ref).await;
+        // Starting a run never waits on another service: what the catalog does
+        // not know yet, dispatch resolves (kind and the node type's constraints).
+        let info = self.catalog.lookup_cached(&req.root_node_type_ref);
         let root_constraints =
             constraints::merge([req.constraints.as_ref(), info.constraints.as_ref()]);
         let decision = self
@@ -286,10 +288,12 @@ impl Coordinator {
         if parent_kind != Some(NodeKind::Composite) {
             return Err(parent_invalid());
         }
-        let mut infos: Vec<NodeTypeInfo> = Vec::with_capacity(req.node_runs.len());
-        for spec in &req.node_runs {
-            infos.push(self.catalog.lookup(&spec.node_type_ref).await);
-        }
+        // Together, so a source that hangs costs the request one bounded wait, not one per child.
+        let lookups = req
+            .node_runs
+            .iter()
+            .map(|s| self.catalog.lookup(&s.node_type_ref));
+        let infos: Vec<NodeTypeInfo> = futures_util::future::join_all(lookups).await;
         let lease = self.config.auto_dispatch.then_some(self.config.lease);
         let default_timeout = self.config.node_run_timeout;
 

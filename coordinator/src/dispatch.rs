@@ -396,12 +396,19 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
         .await?;
         return Ok(Begin::Stop);
     };
-    let effective = constraints_of(node_run.extensions.as_ref()).or_else(|| {
-        constraints::merge([
+    // The node type's constraints are merged here when its kind was not known
+    // when the NodeRun was created (the catalog had no answer yet).
+    let node_type = info.and_then(|i| i.constraints);
+    let effective = match constraints_of(node_run.extensions.as_ref()) {
+        Some(stored) if node_type.is_some() => {
+            constraints::merge([Some(&stored), node_type.as_ref()])
+        }
+        Some(stored) => Some(stored),
+        None => constraints::merge([
             constraints_of(run.extensions.as_ref()).as_ref(),
-            info.and_then(|i| i.constraints).as_ref(),
-        ])
-    });
+            node_type.as_ref(),
+        ]),
+    };
     if let Some((code, message)) =
         candidate_violation(effective.as_ref(), &node_run.node_type_ref.node_type_id)
     {
@@ -700,7 +707,7 @@ async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Resul
                 let result = atomic.execute(request, timeout).await?;
                 if result.node_run_id != request.node_run_id {
                     return Err(CallError::terminal(
-                        "executor_bad_response",
+                        "atomic_executor_bad_response",
                         "Executor answered for another NodeRun",
                     ));
                 }

@@ -123,8 +123,16 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        use axum::serve::ListenerExt as _;
+        // The event streams write one small chunk per event: without
+        // TCP_NODELAY each waits for the client's delayed ACK (~40 ms).
+        let listener = self.listener.tap_io(|stream| {
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(error = %err, "TCP_NODELAY not set on an accepted connection");
+            }
+        });
         let served = axum::serve(
-            self.listener,
+            listener,
             api::router(self.coordinator).layer(self.auth.layer()),
         )
         .with_graceful_shutdown(shutdown)

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use jarvis_run_coordinator::Server;
-use jarvis_run_coordinator::config::{Args, Config};
+use jarvis_run_coordinator::config::{Args, Config, LocalPolicy};
 use tracing_subscriber::EnvFilter;
 
 // Requests allocate and free many small buffers (HTTP, JSON, SQLite rows);
@@ -20,13 +20,35 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::from_args(Args::parse())?;
-    let db = config.db_path.clone();
     let server = Server::bind(config)
         .await
         .context("starting the run coordinator")?;
-    tracing::info!(addr = %server.addr, db = %db.display(), "run coordinator listening");
+    log_startup(&server);
     server.serve(shutdown_signal()).await?;
     Ok(())
+}
+
+/// One line naming every service and file this coordinator uses, so a misconfigured
+/// deployment shows at start rather than at the first run.
+fn log_startup(server: &Server) {
+    let config = &server.coordinator.config;
+    let or_none = |url: &Option<String>| url.clone().unwrap_or_else(|| "none".to_owned());
+    let pdp = match (&config.pdp_url, &config.policy) {
+        (Some(url), _) => url.clone(),
+        (None, LocalPolicy::AllowAll) => "none (dev-allow: every decision allows)".to_owned(),
+        (None, LocalPolicy::DenyAll) => "none (every decision denies)".to_owned(),
+    };
+    tracing::info!(
+        addr = %server.addr,
+        db = %config.db_path.display(),
+        atomic_executor = %or_none(&config.atomic_executor_url),
+        composite_executor = %or_none(&config.composite_executor_url),
+        node_registry = %or_none(&config.node_registry_url),
+        pdp = %pdp,
+        auth = ?config.auth.mode,
+        outbound_auth = config.outbound.is_enabled(),
+        "run coordinator listening"
+    );
 }
 
 /// Open requests (event streams follow runs for as long as they last) get this long to finish.

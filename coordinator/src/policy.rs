@@ -4,7 +4,7 @@ use arp_types::pdp::{PolicyDecision, PolicyDecisionOutcome, PolicyDecisionReques
 use arp_types::{JsonObject, NodeTypeRef, RunContext};
 use serde_json::json;
 
-use crate::clients::PdpClient;
+use crate::clients::{CallError, PdpClient, Peer};
 use crate::config::LocalPolicy;
 
 #[derive(Debug)]
@@ -40,8 +40,14 @@ impl Policy {
         match pdp.decide(&request).await {
             Ok(decision) => decision,
             Err(err) => {
-                tracing::warn!(error = %err, action, "PDP unavailable; denying");
-                deny("pdp_unavailable", Some(err.to_string()))
+                let reason = match &err {
+                    CallError::Terminal(e) if e.code == Peer::Pdp.bad_response_code() => {
+                        "pdp_bad_response"
+                    }
+                    _ => "pdp_unavailable",
+                };
+                tracing::warn!(error = %err, action, reason, "no usable PDP decision; denying");
+                deny(reason, Some(err.to_string()))
             }
         }
     }

@@ -111,6 +111,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::ServiceExt as _;
+    use axum::serve::ListenerExt as _;
+    // Without TCP_NODELAY a response's last small write waits for the client's
+    // delayed ACK (~40 ms on Linux) whenever an earlier write is unacknowledged.
+    let listener = listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY not set on an accepted connection");
+        }
+    });
     axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,13 +1,18 @@
 //! Inbound: the auth layer in front of a real app, against a real IdP, over real HTTP.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::routing::get;
+use axum::{Json, Router};
 use jarvis_auth::{AuthMode, AuthSettings, Authenticator};
+use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::support::{Idp, call, call_bearer, keys, now, protected_app, raw_token};
+use crate::support::{Idp, call, call_bearer, keys, now, protected_app, raw_token, serve};
 
 async fn setup() -> (Idp, String) {
     let idp = Idp::start(&["key-a"]).await;
@@ -438,4 +443,63 @@ async fn a_cached_token_dies_with_its_key() {
     call_bearer(&base, &token_a)
         .await
         .assert_unauthorized("invalid_token", "Invalid token");
+}
+
+#[tokio::test]
+async fn an_unknown_kid_waits_at_most_a_second_on_a_hung_jwks_and_known_keys_not_at_all() {
+    let idp = Idp::start(&["key-a"]).await;
+    // Serves key-a until told to hang, then accepts requests and never answers them.
+    let hang = Arc::new(AtomicBool::new(false));
+    let flag = hang.clone();
+    let jwk = keys()[0].jwk.clone();
+    let certs = get(move || {
+        let (flag, jwk) = (flag.clone(), jwk.clone());
+        async move {
+            if flag.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            Json(JwkSet { keys: vec![jwk] })
+        }
+    });
+    let addr = serve(Router::new().route("/certs", certs)).await;
+    // The default 5 s fetch timeout; the test IdP's 0.5 s cooldown.
+    let mut settings = idp.settings(&[]);
+    settings.jwks_uri = Some(format!("http://{addr}/certs"));
+    let auth = Authenticator::new(settings).unwrap();
+    let base = protected_app(&auth).await;
+    // Distinct tokens, so none is answered from the verified-token cache.
+    let signed_with_key_a = |n: u32| {
+        let mut claims = idp.claims();
+        claims["jti"] = json!(n);
+        keys()[0].sign(&claims)
+    };
+    call_bearer(&base, &signed_with_key_a(0))
+        .await
+        .assert_ok_as("user-42");
+
+    hang.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let unknown = keys()[2].sign(&idp.claims());
+    let started = Instant::now();
+    call_bearer(&base, &unknown)
+        .await
+        .assert_unauthorized("invalid_token", "Unable to fetch JWKS");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+
+    // The fetch still hangs (for up to 5 s): a known key does not wait on it.
+    let started = Instant::now();
+    call_bearer(&base, &signed_with_key_a(1))
+        .await
+        .assert_ok_as("user-42");
+    let known = started.elapsed();
+    assert!(known < Duration::from_millis(500), "{known:?}");
+    // Another unknown kid joins the fetch in flight instead of starting one.
+    call_bearer(&base, &unknown)
+        .await
+        .assert_unauthorized("invalid_token", "Unable to fetch JWKS");
+    assert_eq!(auth.jwks_fetch_count(), 2);
 }

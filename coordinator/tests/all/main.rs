@@ -6,5 +6,7 @@
 mod api;
 mod e2e;
 mod faults;
+mod latency;
+mod peers;
 mod retention;
 mod support;
