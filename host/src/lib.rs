@@ -5,9 +5,11 @@
 //! # Layout
 //! - [`config`]: command line and environment, validated into one `Config`.
 //! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
-//! - [`runtime`]: wasmtime engine, epoch ticker, store state and host grants.
+//! - [`runtime`]: wasmtime engine, epoch ticker, the guests' own runtime,
+//!   store state and host grants.
 //! - [`registry`]: loads packs, asks them to describe themselves, indexes nodes.
-//! - [`executor`]: admission, sandboxed execution, limits, cancel, retries.
+//! - [`executor`]: admission, sandboxed execution, limits, cancel, retries,
+//!   and the one type every failed or canceled outcome is a variant of.
 //! - [`api`]: the HTTP API and its ARP error envelopes.
 //! - [`watpack`]: packs written as WAT (the built-in echo, test guests).
 
@@ -25,17 +27,21 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::executor::Executor;
 use crate::registry::{BUILTIN_SOURCE, PackRegistry};
-use crate::runtime::EpochTicker;
+use crate::runtime::{EpochTicker, GuestRuntime};
 
 /// Instances beyond the concurrency cap, for `describe` calls while loading.
 const SPARE_INSTANCES: u32 = 16;
 
 /// A ready executor: registry with the built-ins, packs loading in the
-/// background, and the epoch ticker that enforces time limits.
+/// background, the runtime its guests run on and the epoch ticker that
+/// stops them.
 #[derive(Debug)]
 pub struct Service {
     pub executor: Arc<Executor>,
     auth: jarvis_auth::Authenticator,
+    // Dropped before the ticker, so guests still running are stopped while
+    // epochs still advance.
+    _guests: GuestRuntime,
     _ticker: EpochTicker,
 }
 
@@ -59,10 +65,17 @@ impl Service {
             let found = registry.load_dir_in_background(dir);
             tracing::info!(dir = %dir.display(), files = found, "loading packs");
         }
-        let executor = Arc::new(Executor::new(registry, config.executor.clone()));
+        let guests = GuestRuntime::start(config.guest_threads)
+            .map_err(|e| anyhow::anyhow!("starting the guest runtime: {e}"))?;
+        let executor = Arc::new(Executor::new(
+            registry,
+            config.executor.clone(),
+            guests.handle().clone(),
+        ));
         Ok(Self {
             executor,
             auth,
+            _guests: guests,
             _ticker: ticker,
         })
     }
