@@ -8,10 +8,10 @@ use clap::Parser;
 
 use jarvis_auth::AuthSettings;
 
-use crate::executor::ExecutorConfig;
+use crate::executor::{ExecutorConfig, OutputLimits};
 use crate::packs::spec::PackLimits;
 use crate::packs::watch::WatchSettings;
-use crate::runtime::RuntimeLimits;
+use crate::runtime::{GuestThreads, RuntimeLimits};
 
 /// Raw arguments, as typed. Environment variables use the names the Python
 /// JARVIS executor already reads where it has one.
@@ -79,6 +79,39 @@ pub struct Args {
     #[arg(long, env = "JARVIS_RESULT_RETENTION_MAX", default_value_t = 10_000)]
     pub result_retention_max: usize,
 
+    /// Bytes of finished results (their JSON) kept for retries, at most; the
+    /// oldest are dropped first.
+    #[arg(
+        long,
+        env = "JARVIS_RESULT_RETENTION_MAX_BYTES",
+        default_value_t = 256 << 20
+    )]
+    pub result_retention_max_bytes: usize,
+
+    /// Largest outputs (JSON text) a node may return, in bytes; larger ones
+    /// fail `invalid_outputs`.
+    #[arg(long, env = "JARVIS_MAX_OUTPUT_BYTES", default_value_t = 4 << 20)]
+    pub max_output_bytes: usize,
+
+    /// Longest node error message passed on, in bytes; longer ones are
+    /// truncated.
+    #[arg(long, env = "JARVIS_MAX_ERROR_MESSAGE_BYTES", default_value_t = 64 << 10)]
+    pub max_error_message_bytes: usize,
+
+    /// Largest node error details (JSON text) passed on, in bytes; larger
+    /// ones are dropped.
+    #[arg(long, env = "JARVIS_MAX_ERROR_DETAILS_BYTES", default_value_t = 64 << 10)]
+    pub max_error_details_bytes: usize,
+
+    /// Threads guests run on, apart from the API's [default: one per CPU].
+    #[arg(long, env = "JARVIS_GUEST_THREADS")]
+    pub guest_threads: Option<usize>,
+
+    /// Nice value added to the guest threads (Linux), so the API's threads
+    /// win the CPU when guests saturate it; 0 keeps them equal.
+    #[arg(long, env = "JARVIS_GUEST_NICE", default_value_t = 10)]
+    pub guest_nice: i32,
+
     /// Log lines one execution may write; the rest are counted and dropped.
     #[arg(long, env = "JARVIS_MAX_GUEST_LOG_LINES", default_value_t = 100)]
     pub max_guest_log_lines: u32,
@@ -129,6 +162,7 @@ pub struct Config {
     pub runtime: RuntimeLimits,
     /// Bounds on what a pack may declare.
     pub pack_limits: PackLimits,
+    pub guest_threads: GuestThreads,
     pub compile_cache_dir: Option<PathBuf>,
     pub shutdown_grace: Duration,
     /// Inbound authentication, from the `ARP_AUTH_*` variables.
@@ -225,6 +259,33 @@ impl Args {
                 self.max_pack_file_mib
             ));
         }
+        let guest_threads = self.guest_threads.unwrap_or(cpus);
+        if guest_threads == 0 || guest_threads > 1024 {
+            return Err(format!(
+                "JARVIS_GUEST_THREADS must be between 1 and 1024, got {guest_threads}"
+            ));
+        }
+        if !(0..=19).contains(&self.guest_nice) {
+            return Err(format!(
+                "JARVIS_GUEST_NICE must be between 0 and 19, got {}",
+                self.guest_nice
+            ));
+        }
+        for (name, value) in [
+            ("JARVIS_MAX_OUTPUT_BYTES", self.max_output_bytes),
+            (
+                "JARVIS_MAX_ERROR_MESSAGE_BYTES",
+                self.max_error_message_bytes,
+            ),
+            (
+                "JARVIS_MAX_ERROR_DETAILS_BYTES",
+                self.max_error_details_bytes,
+            ),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
         let compile_cache_dir = if self.no_compile_cache {
             None
         } else {
@@ -246,6 +307,12 @@ impl Args {
                 queue_timeout: Duration::from_millis(self.queue_timeout_ms),
                 retention: Duration::from_secs(self.result_retention_secs),
                 retention_max: self.result_retention_max,
+                retention_max_bytes: self.result_retention_max_bytes,
+                outputs: OutputLimits {
+                    max_output_bytes: self.max_output_bytes,
+                    max_error_message_bytes: self.max_error_message_bytes,
+                    max_error_details_bytes: self.max_error_details_bytes,
+                },
             },
             runtime: RuntimeLimits {
                 max_memory_bytes: self.max_memory_mib << 20,
@@ -258,6 +325,10 @@ impl Args {
                 max_describe_bytes: self.max_describe_mib << 20,
                 max_schema_depth: self.max_schema_depth,
                 max_schema_nodes: self.max_schema_nodes,
+            },
+            guest_threads: GuestThreads {
+                threads: guest_threads,
+                nice: self.guest_nice,
             },
             compile_cache_dir,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

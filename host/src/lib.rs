@@ -5,12 +5,14 @@
 //! # Layout
 //! - [`config`]: command line and environment, validated into one `Config`.
 //! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
-//! - [`runtime`]: wasmtime engine, epoch ticker, store state and host grants.
+//! - [`runtime`]: wasmtime engine, epoch ticker, the guests' own runtime,
+//!   store state and host grants.
 //! - [`packs`]: what a pack declares, read within bounds and checked (`spec`);
 //!   the registry of loaded packs by source (`registry`), the node index
 //!   built from them (`index`) and the packs directory watcher (`watch`).
 //! - [`grants`]: host interfaces granted to packs (the guest `log`).
-//! - [`executor`]: admission, sandboxed execution, limits, cancel, retries.
+//! - [`executor`]: admission, sandboxed execution, limits, cancel, retries,
+//!   and the one type every failed or canceled outcome is a variant of.
 //! - [`api`]: the HTTP API and its ARP error envelopes.
 //! - [`watpack`]: packs written as WAT (the built-in echo, test guests).
 
@@ -33,20 +35,23 @@ use crate::config::Config;
 use crate::executor::Executor;
 use crate::packs::registry::{BUILTIN_SOURCE, PackRegistry};
 use crate::packs::watch::PackWatcher;
-use crate::runtime::EpochTicker;
+use crate::runtime::{EpochTicker, GuestRuntime};
 
 /// Instances beyond the concurrency cap, for `describe` calls while loading.
 const SPARE_INSTANCES: u32 = 16;
 
 /// A ready executor: registry with the built-ins, the packs directory loading
-/// and watched in the background, and the epoch ticker that enforces time
-/// limits.
+/// and watched in the background, the runtime its guests run on and the
+/// epoch ticker that stops them.
 #[derive(Debug)]
 pub struct Service {
     pub executor: Arc<Executor>,
     auth: jarvis_auth::Authenticator,
     /// Stopped when the service is dropped or shut down.
     watcher: Option<PackWatcher>,
+    // Dropped before the ticker, so guests still running are stopped while
+    // epochs still advance.
+    _guests: GuestRuntime,
     _ticker: EpochTicker,
 }
 
@@ -75,11 +80,18 @@ impl Service {
             .packs_dir
             .as_ref()
             .map(|dir| PackWatcher::start(registry.clone(), dir.clone(), config.watch.clone()));
-        let executor = Arc::new(Executor::new(registry, config.executor.clone()));
+        let guests = GuestRuntime::start(config.guest_threads)
+            .map_err(|e| anyhow::anyhow!("starting the guest runtime: {e}"))?;
+        let executor = Arc::new(Executor::new(
+            registry,
+            config.executor.clone(),
+            guests.handle().clone(),
+        ));
         Ok(Self {
             executor,
             auth,
             watcher,
+            _guests: guests,
             _ticker: ticker,
         })
     }

@@ -2,6 +2,7 @@
 
 mod api;
 mod bounds;
+mod containment;
 mod limits;
 mod packs;
 mod reload;

@@ -1,0 +1,118 @@
+"""Spinning-guest load against a running executor: N concurrent calls to a
+node that never returns, while /v1/health is polled. Prints health latency
+and how far past its deadline each call was answered (client-side, from the
+moment the request was written on an open connection, and from the result's
+started_at/ended_at). Only 127.0.0.1."""
+
+import argparse
+import asyncio
+import datetime
+import json
+import statistics
+import sys
+import time
+
+
+async def http(reader, writer, method, path, body=b""):
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode().partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return status, await reader.readexactly(length)
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def summary(name, values_ms):
+    return (
+        f"{name}: n={len(values_ms)} p50={pct(values_ms, 50):.2f} ms "
+        f"p99={pct(values_ms, 99):.2f} ms max={max(values_ms):.2f} ms"
+    )
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--limit-ms", type=int, default=2000)
+    ap.add_argument("--node", default="bench.spin")
+    args = ap.parse_args()
+
+    conns = []
+    for _ in range(args.calls):
+        conns.append(await asyncio.open_connection("127.0.0.1", args.port))
+    health_conn = await asyncio.open_connection("127.0.0.1", args.port)
+
+    overshoot = []
+    served = []
+    codes = {}
+
+    async def spin(i, conn):
+        body = json.dumps(
+            {
+                "node_run_id": f"spin-{time.time_ns()}-{i}",
+                "run_id": "bench-spin",
+                "node_type_ref": {"node_type_id": args.node, "version": "1.0.0"},
+                "inputs": {},
+                "constraints": {"budgets": {"max_wall_time_ms": args.limit_ms}},
+            }
+        ).encode()
+        began = time.perf_counter()
+        status, text = await http(*conn, "POST", "/v1/atomic-node-runs:execute", body)
+        took = (time.perf_counter() - began) * 1000
+        result = json.loads(text)
+        code = (result.get("error") or {}).get("code", result.get("state", status))
+        codes[code] = codes.get(code, 0) + 1
+        overshoot.append(took - args.limit_ms)
+        # The server's own timestamps: without the client's processing of
+        # 1,000 answers arriving at once.
+        started, ended = (
+            datetime.datetime.fromisoformat(result[k].replace("Z", "+00:00"))
+            for k in ("started_at", "ended_at")
+        )
+        served.append((ended - started).total_seconds() * 1000 - args.limit_ms)
+
+    health = []
+    done = asyncio.Event()
+
+    async def poll_health():
+        while not done.is_set():
+            began = time.perf_counter()
+            status, _ = await http(*health_conn, "GET", "/v1/health")
+            assert status == 200, status
+            health.append((time.perf_counter() - began) * 1000)
+            await asyncio.sleep(0.01)
+
+    poller = asyncio.create_task(poll_health())
+    await asyncio.wait_for(
+        asyncio.gather(*(spin(i, c) for i, c in enumerate(conns))),
+        timeout=args.limit_ms / 1000 + 60,
+    )
+    done.set()
+    await poller
+    for _, writer in conns + [health_conn]:
+        writer.close()
+    print(f"calls: {args.calls} spinning, limit {args.limit_ms} ms; outcomes {codes}")
+    print(summary("health latency", health))
+    print(summary("deadline overshoot (client)", overshoot))
+    print(summary("deadline overshoot (server timestamps)", served))
+    print(f"  (overshoot min {min(overshoot):.2f} ms, mean {statistics.mean(overshoot):.2f} ms)")
+    return 0 if set(codes) == {"timeout"} else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
