@@ -217,14 +217,7 @@ fn is_valid_code(code: &str) -> bool {
 
 /// The longest prefix of `s` of at most `max` bytes ending at a char boundary.
 fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(max)]
 }
 
 /// Parses a guest's outputs: a JSON object within the size cap that matches

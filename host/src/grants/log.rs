@@ -152,15 +152,9 @@ pub fn emit(level: Level, node_run_id: &str, node_type_id: &str, message: &str, 
     }
 }
 
+/// The longest prefix of `s` of at most `max` bytes ending at a char boundary.
 fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(max)]
 }
 
 #[cfg(test)]
