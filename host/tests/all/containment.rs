@@ -246,9 +246,10 @@ async fn retained_results_are_held_within_a_byte_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_validation_runs_within_the_deadline_off_the_api_threads() {
-    // Every item is compared with every enum value of the same length:
-    // 40,000 × 1,000 string comparisons, seconds in a debug build (the
-    // schema stays within the WAT pack's one 64 KiB page of memory).
+    // 40,000 items checked against a 1,000-value enum: about 0.1 s in a
+    // debug build on a quiet 2-core machine (more under load), several times
+    // the 20 ms limit below, so the deadline passes while validation runs.
+    // (The schema stays within the WAT pack's one 64 KiB page of memory.)
     let values: Vec<String> = (0..1000).map(|i| format!("{:0>40}", i)).collect();
     let schema = json!({
         "type": "object",
@@ -273,7 +274,7 @@ async fn input_validation_runs_within_the_deadline_off_the_api_threads() {
     // Valid items, each the last value: validation cannot stop early.
     let items: Vec<&String> = (0..40_000).map(|_| &values[999]).collect();
     let mut body = request("nr-slow", "test.slow", "1.0.0", json!({ "items": items }));
-    body["constraints"] = json!({"budgets": {"max_wall_time_ms": 300}});
+    body["constraints"] = json!({"budgets": {"max_wall_time_ms": 20}});
     let began = Instant::now();
     let run = t.spawn_execute(body);
     wait_until_running(&t, 1).await;
@@ -293,13 +294,17 @@ async fn input_validation_runs_within_the_deadline_off_the_api_threads() {
         took < Duration::from_millis(1000),
         "answered after {took:?}"
     );
-    // Answered while the validation still ran: it holds its slot until done.
-    assert_eq!(
-        t.server.service.executor.running(),
-        1,
-        "the validation ended before the deadline: make it slower"
-    );
     assert_eq!(t.invocations(), 0, "the guest ran after its deadline");
+    // The validation keeps its slot until it ends, then gives it back.
+    let released = Instant::now();
+    while t.server.service.executor.running() > 0 {
+        assert!(
+            released.elapsed() < Duration::from_secs(10),
+            "the slot of a timed-out validation was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_still_serving(&t, "nr-after-slow").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
