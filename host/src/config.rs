@@ -210,67 +210,27 @@ impl Args {
             .map_err(|_| "JARVIS_DEFAULT_TIMEOUT_SECS is too large".to_owned())?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let max_concurrency = self.max_concurrency.unwrap_or(256 * cpus);
-        if max_concurrency == 0 || max_concurrency > 100_000 {
-            return Err(format!(
-                "JARVIS_MAX_CONCURRENCY must be between 1 and 100000, got {max_concurrency}"
-            ));
-        }
-        if self.max_memory_mib == 0 || self.max_memory_mib > 4096 {
-            return Err(format!(
-                "JARVIS_MAX_MEMORY_MIB must be between 1 and 4096, got {}",
-                self.max_memory_mib
-            ));
-        }
-        for (name, value, max) in [
-            (
-                "JARVIS_MAX_NODES_PER_PACK",
-                self.max_nodes_per_pack,
-                100_000,
-            ),
-            ("JARVIS_MAX_SCHEMA_KIB", self.max_schema_kib, 64 << 10),
-            ("JARVIS_MAX_DESCRIBE_MIB", self.max_describe_mib, 1024),
-            ("JARVIS_MAX_SCHEMA_DEPTH", self.max_schema_depth, 1024),
-        ] {
-            if value == 0 || value > max {
-                return Err(format!("{name} must be between 1 and {max}, got {value}"));
-            }
-        }
-        if self.max_schema_nodes == 0 || self.max_schema_nodes > 10_000_000 {
-            return Err(format!(
-                "JARVIS_MAX_SCHEMA_NODES must be between 1 and 10000000, got {}",
-                self.max_schema_nodes
-            ));
-        }
-        if self.packs_settle_ms > 60_000 {
-            return Err(format!(
-                "JARVIS_PACKS_SETTLE_MS must be at most 60000, got {}",
-                self.packs_settle_ms
-            ));
-        }
-        if self.packs_rescan_secs == 0 || self.packs_rescan_secs > 3600 {
-            return Err(format!(
-                "JARVIS_PACKS_RESCAN_SECS must be between 1 and 3600, got {}",
-                self.packs_rescan_secs
-            ));
-        }
-        if self.max_pack_file_mib == 0 || self.max_pack_file_mib > 4096 {
-            return Err(format!(
-                "JARVIS_MAX_PACK_FILE_MIB must be between 1 and 4096, got {}",
-                self.max_pack_file_mib
-            ));
-        }
+        within("JARVIS_MAX_CONCURRENCY", max_concurrency, 1..=100_000)?;
+        within("JARVIS_MAX_MEMORY_MIB", self.max_memory_mib, 1..=4096)?;
+        within(
+            "JARVIS_MAX_NODES_PER_PACK",
+            self.max_nodes_per_pack,
+            1..=100_000,
+        )?;
+        within("JARVIS_MAX_SCHEMA_KIB", self.max_schema_kib, 1..=64 << 10)?;
+        within("JARVIS_MAX_DESCRIBE_MIB", self.max_describe_mib, 1..=1024)?;
+        within("JARVIS_MAX_SCHEMA_DEPTH", self.max_schema_depth, 1..=1024)?;
+        within(
+            "JARVIS_MAX_SCHEMA_NODES",
+            self.max_schema_nodes,
+            1..=10_000_000,
+        )?;
+        within("JARVIS_PACKS_SETTLE_MS", self.packs_settle_ms, 0..=60_000)?;
+        within("JARVIS_PACKS_RESCAN_SECS", self.packs_rescan_secs, 1..=3600)?;
+        within("JARVIS_MAX_PACK_FILE_MIB", self.max_pack_file_mib, 1..=4096)?;
         let guest_threads = self.guest_threads.unwrap_or(cpus);
-        if guest_threads == 0 || guest_threads > 1024 {
-            return Err(format!(
-                "JARVIS_GUEST_THREADS must be between 1 and 1024, got {guest_threads}"
-            ));
-        }
-        if !(0..=19).contains(&self.guest_nice) {
-            return Err(format!(
-                "JARVIS_GUEST_NICE must be between 0 and 19, got {}",
-                self.guest_nice
-            ));
-        }
+        within("JARVIS_GUEST_THREADS", guest_threads, 1..=1024)?;
+        within("JARVIS_GUEST_NICE", self.guest_nice, 0..=19)?;
         for (name, value) in [
             ("JARVIS_MAX_OUTPUT_BYTES", self.max_output_bytes),
             (
@@ -334,6 +294,23 @@ impl Args {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             auth,
         })
+    }
+}
+
+/// Checks that the variable `name` holds a value within `range`.
+fn within<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name} must be between {} and {}, got {value}",
+            range.start(),
+            range.end()
+        ))
     }
 }
 
