@@ -284,15 +284,7 @@ async fn a_node_run_past_its_deadline_says_why() {
     let run = coord
         .start_run("jarvis.core.echo", "0.3.8", json!({"echo": 1}), constraints)
         .await;
-    let done = coord
-        .wait_terminal(run["run_id"].as_str().unwrap(), Duration::from_secs(10))
-        .await;
-    assert_eq!(done["state"], "failed");
-    let root = coord
-        .node_run(run["root_node_run_id"].as_str().unwrap())
-        .await;
-    let error = &root["extensions"]["jarvis.completion_error"];
-    assert_eq!(error["code"], "deadline_exceeded", "{error}");
+    let error = deadline_error(&coord, &run).await;
     assert!(
         error["message"]
             .as_str()
@@ -322,15 +314,7 @@ async fn a_deadline_that_passed_while_no_coordinator_ran_says_so() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let second = Coordinator::start_at(&db, options).await;
-    let done = second
-        .wait_terminal(run["run_id"].as_str().unwrap(), Duration::from_secs(10))
-        .await;
-    assert_eq!(done["state"], "failed");
-    let root = second
-        .node_run(run["root_node_run_id"].as_str().unwrap())
-        .await;
-    let error = &root["extensions"]["jarvis.completion_error"];
-    assert_eq!(error["code"], "deadline_exceeded", "{error}");
+    let error = deadline_error(&second, &run).await;
     assert!(
         error["message"]
             .as_str()
@@ -339,4 +323,19 @@ async fn a_deadline_that_passed_while_no_coordinator_ran_says_so() {
         "{error}"
     );
     assert_eq!(error["details"]["state"], "queued", "{error}");
+}
+
+/// Waits for `run` to fail and returns its root NodeRun's error, which must be
+/// `deadline_exceeded`.
+async fn deadline_error(coord: &Coordinator, run: &Value) -> Value {
+    let done = coord
+        .wait_terminal(run["run_id"].as_str().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(done["state"], "failed");
+    let root = coord
+        .node_run(run["root_node_run_id"].as_str().unwrap())
+        .await;
+    let error = root["extensions"]["jarvis.completion_error"].clone();
+    assert_eq!(error["code"], "deadline_exceeded", "{error}");
+    error
 }
