@@ -7,7 +7,9 @@ started_at/ended_at). Only 127.0.0.1."""
 import argparse
 import asyncio
 import datetime
+import http.client
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -30,6 +32,22 @@ async def http(reader, writer, method, path, body=b""):
         if name.strip().lower() == "content-length":
             length = int(value)
     return status, await reader.readexactly(length)
+
+
+def poll_health(port, stop, results):
+    """Polls GET /v1/health every 10 ms on one keep-alive connection until
+    `stop` is set; puts the list of latencies (ms) on `results`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    latencies = []
+    while not stop.is_set():
+        began = time.perf_counter()
+        conn.request("GET", "/v1/health")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+        latencies.append((time.perf_counter() - began) * 1000)
+        time.sleep(0.01)
+    results.put(latencies)
 
 
 def pct(values, p):
@@ -55,7 +73,6 @@ async def main():
     conns = []
     for _ in range(args.calls):
         conns.append(await asyncio.open_connection("127.0.0.1", args.port))
-    health_conn = await asyncio.open_connection("127.0.0.1", args.port)
 
     overshoot = []
     served = []
@@ -86,25 +103,20 @@ async def main():
         )
         served.append((ended - started).total_seconds() * 1000 - args.limit_ms)
 
-    health = []
-    done = asyncio.Event()
-
-    async def poll_health():
-        while not done.is_set():
-            began = time.perf_counter()
-            status, _ = await http(*health_conn, "GET", "/v1/health")
-            assert status == 200, status
-            health.append((time.perf_counter() - began) * 1000)
-            await asyncio.sleep(0.01)
-
-    poller = asyncio.create_task(poll_health())
+    # Health is polled from a process of its own, so the figure is the
+    # server's: this event loop is busy with 1,000 answers at the deadline.
+    stop = multiprocessing.Event()
+    results = multiprocessing.Queue()
+    poller = multiprocessing.Process(target=poll_health, args=(args.port, stop, results))
+    poller.start()
     await asyncio.wait_for(
         asyncio.gather(*(spin(i, c) for i, c in enumerate(conns))),
         timeout=args.limit_ms / 1000 + 60,
     )
-    done.set()
-    await poller
-    for _, writer in conns + [health_conn]:
+    stop.set()
+    health = results.get()
+    poller.join()
+    for _, writer in conns:
         writer.close()
     print(f"calls: {args.calls} spinning, limit {args.limit_ms} ms; outcomes {codes}")
     print(summary("health latency", health))

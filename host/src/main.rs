@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use jarvis_atomic_executor::Service;
 use jarvis_atomic_executor::config::Args;
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
 
 // Every request allocates and frees a few dozen small buffers on its way
@@ -13,6 +14,9 @@ use tracing_subscriber::EnvFilter;
 // allocator and does not fragment under sustained load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Log lines waiting for the writer thread before new ones are dropped.
+const LOG_BUFFER_LINES: usize = 64 * 1024;
 
 fn main() -> ExitCode {
     // LOG_LEVEL is what the Python services read; RUST_LOG wins when set.
@@ -37,7 +41,18 @@ fn main() -> ExitCode {
     };
     // Guest text is escaped for the text format and left as data for JSON.
     jarvis_atomic_executor::grants::log::set_json_format(json);
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // Lines are written by a thread of their own, so a slow reader of stdout
+    // (a full pipe) never blocks a request thread; past the buffer, lines are
+    // dropped rather than waited for. The guard flushes what is left at exit.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(std::io::stdout());
+    let _ = LOG_FLUSH.set(std::sync::Mutex::new(Some(guard)));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     if json {
         logs.json().init();
     } else {
@@ -61,12 +76,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let code = match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("jarvis-atomic-executor: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    flush_logs();
+    code
+}
+
+/// The log writer's guard: dropping it writes out the lines still buffered.
+static LOG_FLUSH: std::sync::OnceLock<std::sync::Mutex<Option<WorkerGuard>>> =
+    std::sync::OnceLock::new();
+
+/// Writes out the buffered log lines; call before the process ends.
+fn flush_logs() {
+    if let Some(guard) = LOG_FLUSH.get() {
+        drop(guard.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 }
 
@@ -91,6 +119,7 @@ async fn serve(config: jarvis_atomic_executor::config::Config) -> anyhow::Result
             _ = shutdown_signal() => tracing::warn!("second signal: exiting now"),
             _ = tokio::time::sleep(grace) => tracing::warn!("grace period over: exiting with requests in flight"),
         }
+        flush_logs();
         std::process::exit(1);
     });
     jarvis_atomic_executor::serve(listener, service.app(), async {
