@@ -20,6 +20,7 @@ use crate::catalog::{NodeCatalog, NodeTypeInfo};
 use crate::clients::{AtomicExecutorClient, CompositeExecutorClient};
 use crate::config::Config;
 use crate::constraints;
+use crate::dispatch::{self, Admission};
 use crate::error::ApiError;
 use crate::policy::{self, Policy, PolicySubject};
 use crate::store::{NodeRunRow, Store, StoreError, Tx, now_ms};
@@ -98,21 +99,48 @@ impl Coordinator {
         let info = self.catalog.lookup_cached(&req.root_node_type_ref);
         let root_constraints =
             constraints::merge([req.constraints.as_ref(), info.constraints.as_ref()]);
-        let decision = self
-            .policy
-            .decide(
-                "run.start",
-                PolicySubject {
-                    run_id: &run_id,
-                    node_run_id: &root_id,
-                    node_type_ref: &req.root_node_type_ref,
-                    run_context: req.run_context.as_ref(),
-                },
-            )
-            .await;
+        let subject = || PolicySubject {
+            run_id: &run_id,
+            node_run_id: &root_id,
+            node_type_ref: &req.root_node_type_ref,
+            run_context: req.run_context.as_ref(),
+        };
+        let decision = self.policy.decide("run.start", subject()).await;
         let allowed = policy::allows(&decision);
+        // When the root's kind is known, its candidates allow it and the execute
+        // checkpoint needs no PDP call, this transaction also begins the root's
+        // dispatch (`policy_decided`, `running`), as the dispatcher would right after
+        // the commit: one commit fewer per run. With a PDP the dispatcher keeps that
+        // checkpoint, so a POST waits on one PDP call at most.
+        let admission = match info.kind {
+            Some(kind)
+                if allowed
+                    && self.config.auto_dispatch
+                    && self.policy.pdp.is_none()
+                    && dispatch::candidate_violation(
+                        root_constraints.as_ref(),
+                        &req.root_node_type_ref.node_type_id,
+                    )
+                    .is_none() =>
+            {
+                let decision = self
+                    .policy
+                    .decide(dispatch::ACTION_EXECUTE, subject())
+                    .await;
+                Some(Admission::new(
+                    self,
+                    kind,
+                    root_constraints.clone(),
+                    decision,
+                ))
+            }
+            _ => None,
+        };
+        // A root refused at its execute checkpoint fails in this transaction: nothing to dispatch.
+        let refusal = admission.as_ref().and_then(Admission::refusal);
         let deadline_at = self.deadline_for(root_constraints.as_ref());
-        let lease = (allowed && self.config.auto_dispatch).then_some(self.config.lease);
+        let lease = (allowed && self.config.auto_dispatch && refusal.is_none())
+            .then_some(self.config.lease);
         let now = now_rfc3339();
         let client_extensions = strip_owned(req.extensions.clone());
 
@@ -128,7 +156,7 @@ impl Coordinator {
                 [(ext::CONSTRAINTS, to_value(&req.constraints))],
             ),
         };
-        let root = NodeRun {
+        let mut root = NodeRun {
             node_run_id: root_id.clone(),
             run_id: run_id.clone(),
             node_type_ref: req.root_node_type_ref.clone(),
@@ -150,10 +178,14 @@ impl Coordinator {
             ),
         };
 
+        if let Some(admission) = admission.as_ref().filter(|_| refusal.is_none()) {
+            admission.start(&mut root);
+        }
+
         let (run, cancels) = self
             .store
             .write(move |tx| -> Result<_, ApiError> {
-                if tx.run(&run.run_id)?.is_some() {
+                if crate::store::run_is_terminal(tx.conn(), &run.run_id)?.is_some() {
                     return Err(ApiError::conflict(
                         "run_already_exists",
                         format!("Run '{}' already exists", run.run_id),
@@ -179,13 +211,25 @@ impl Coordinator {
                     RunEventType::PolicyDecided,
                     Some(policy::event_data("run.start", &decision)),
                 )?;
-                let mut cancels = Vec::new();
-                if !allowed {
-                    let error = ErrorDetail::new("policy_denied", "Run start denied by policy");
-                    cancels = complete_in_tx(tx, root, Completion::failed(error))?;
+                if let Some(admission) = &admission {
+                    admission.record_decision(tx, &root)?;
                 }
-                let run = tx.run(&run.run_id)?.ok_or(StoreError::Closed)?;
-                Ok((run, cancels))
+                let error = if allowed {
+                    refusal
+                } else {
+                    Some(ErrorDetail::new(
+                        "policy_denied",
+                        "Run start denied by policy",
+                    ))
+                };
+                match error {
+                    None => Ok((run, Vec::new())),
+                    Some(error) => {
+                        let cancels = complete_in_tx(tx, root, Completion::failed(error))?;
+                        let run = tx.run(&run.run_id)?.ok_or(StoreError::Closed)?;
+                        Ok((run, cancels))
+                    }
+                }
             })
             .await?;
         self.cancel_at_executors(cancels);
@@ -674,9 +718,18 @@ pub fn evaluate_in_tx(
     evaluation: EvaluationResult,
     recovery: Option<arp_types::run::RecoveryAction>,
 ) -> Result<NodeRun, StoreError> {
-    node_run.evaluation_result = Some(evaluation.clone());
-    node_run.recovery_actions = recovery.clone().map(|r| vec![r]);
+    apply_evaluation(tx, &mut node_run, evaluation, recovery)?;
     tx.update_node_run(&node_run)?;
+    Ok(node_run)
+}
+
+/// Sets the evaluation on `node_run` and appends its events; the caller stores the NodeRun.
+fn apply_evaluation(
+    tx: &mut Tx<'_>,
+    node_run: &mut NodeRun,
+    evaluation: EvaluationResult,
+    recovery: Option<arp_types::run::RecoveryAction>,
+) -> Result<(), StoreError> {
     let id = Some(node_run.node_run_id.as_str());
     tx.append_event(
         &node_run.run_id,
@@ -692,7 +745,9 @@ pub fn evaluate_in_tx(
             Some(to_object(recovery)),
         )?;
     }
-    Ok(node_run)
+    node_run.evaluation_result = Some(evaluation);
+    node_run.recovery_actions = recovery.map(|r| vec![r]);
+    Ok(())
 }
 
 /// The atomic executor's result becomes an evaluation plus a completion, as in the Python coordinator.
@@ -714,7 +769,9 @@ pub fn record_atomic_result(
         confidence: None,
         extensions: None,
     };
-    let node_run = evaluate_in_tx(tx, node_run, evaluation, None)?;
+    // Stored once, by the completion.
+    let mut node_run = node_run;
+    apply_evaluation(tx, &mut node_run, evaluation, None)?;
     complete_in_tx(tx, node_run, completion)
 }
 

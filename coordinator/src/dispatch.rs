@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arp_types::composite::CompositeBeginRequest;
+use arp_types::pdp::PolicyDecision;
 use arp_types::run::{ExecutorBinding, NodeRun, Run, RunEventType};
 use arp_types::time::now_rfc3339;
 use arp_types::{AtomicExecuteRequest, ConstraintEnvelope, ErrorDetail, NodeKind, NodeRunState};
@@ -30,7 +31,7 @@ use crate::coordinator::{
     Completion, Coordinator, complete_in_tx, constraints_of, lease_until, record_atomic_result,
 };
 use crate::policy::{self, PolicySubject};
-use crate::store::{StoreError, now_ms};
+use crate::store::{StoreError, Tx, now_ms};
 
 /// NodeRuns claimed per poller transaction.
 const CLAIM_BATCH: usize = 256;
@@ -421,17 +422,8 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
         node_type_ref: &node_run.node_type_ref,
         run_context: run.run_context.as_ref(),
     };
-    let decision = coord.policy.decide("node.run.execute", subject).await;
-    let endpoint = match kind {
-        NodeKind::Atomic => coord.atomic.as_ref().map(|c| c.base_url.clone()).ok_or((
-            "atomic_executor_unconfigured",
-            "Atomic Executor is not configured",
-        )),
-        NodeKind::Composite => coord.composite.as_ref().map(|c| c.base_url.clone()).ok_or((
-            "composite_executor_unconfigured",
-            "Composite Executor is not configured",
-        )),
-    };
+    let decision = coord.policy.decide(ACTION_EXECUTE, subject).await;
+    let admission = Admission::new(coord, kind, effective, decision);
 
     let id = node_run_id.to_owned();
     let (begin, cancels) = coord
@@ -456,42 +448,16 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
                     node_run.extensions.as_ref(),
                     [(
                         crate::coordinator::ext::CONSTRAINTS,
-                        serde_json::to_value(&effective).unwrap_or_default(),
+                        serde_json::to_value(&admission.effective).unwrap_or_default(),
                     )],
                 );
             }
-            tx.append_event(
-                &run.run_id,
-                Some(&id),
-                RunEventType::PolicyDecided,
-                Some(policy::event_data("node.run.execute", &decision)),
-            )?;
-            let refusal = if !policy::allows(&decision) {
-                Some(ErrorDetail::new(
-                    "policy_denied",
-                    "NodeRun denied by policy",
-                ))
-            } else {
-                endpoint
-                    .clone()
-                    .err()
-                    .map(|(code, message)| ErrorDetail::new(code, message))
-            };
-            if let Some(error) = refusal {
+            admission.record_decision(tx, &node_run)?;
+            if let Some(error) = admission.refusal() {
                 let cancels = complete_in_tx(tx, node_run, Completion::failed(error))?;
                 return Ok((Begin::Stop, cancels));
             }
-            node_run.state = NodeRunState::Running;
-            node_run.started_at.get_or_insert_with(now_rfc3339);
-            node_run.executor_binding = Some(ExecutorBinding {
-                executor_instance_id: match kind {
-                    NodeKind::Atomic => "jarvis-atomic-executor".into(),
-                    NodeKind::Composite => "jarvis-composite-executor".into(),
-                },
-                endpoint: endpoint.clone().unwrap_or_default(),
-                audience: None,
-                extensions: None,
-            });
+            admission.start(&mut node_run);
             tx.update_node_run(&node_run)?;
             Ok((
                 Begin::Execute(Box::new(Execution {
@@ -505,6 +471,88 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
         .await?;
     coord.cancel_at_executors(cancels);
     Ok(begin)
+}
+
+/// The policy action checked before a NodeRun is handed to its executor.
+pub const ACTION_EXECUTE: &str = "node.run.execute";
+
+/// What a dispatch decided before its transaction: the NodeRun's kind, effective
+/// constraints, the policy decision and the executor it goes to. The dispatcher's
+/// `begin` builds one; so does starting a run, when it can begin the root's
+/// dispatch in its own transaction (one commit fewer per run).
+#[derive(Debug)]
+pub struct Admission {
+    kind: NodeKind,
+    effective: Option<ConstraintEnvelope>,
+    decision: PolicyDecision,
+    endpoint: Result<String, (&'static str, &'static str)>,
+}
+
+impl Admission {
+    pub fn new(
+        coord: &Coordinator,
+        kind: NodeKind,
+        effective: Option<ConstraintEnvelope>,
+        decision: PolicyDecision,
+    ) -> Self {
+        let endpoint = match kind {
+            NodeKind::Atomic => coord.atomic.as_ref().map(|c| c.base_url.clone()).ok_or((
+                "atomic_executor_unconfigured",
+                "Atomic Executor is not configured",
+            )),
+            NodeKind::Composite => coord.composite.as_ref().map(|c| c.base_url.clone()).ok_or((
+                "composite_executor_unconfigured",
+                "Composite Executor is not configured",
+            )),
+        };
+        Self {
+            kind,
+            effective,
+            decision,
+            endpoint,
+        }
+    }
+
+    /// Why the NodeRun may not run: denied by policy, or no executor for its kind.
+    pub fn refusal(&self) -> Option<ErrorDetail> {
+        if !policy::allows(&self.decision) {
+            return Some(ErrorDetail::new(
+                "policy_denied",
+                "NodeRun denied by policy",
+            ));
+        }
+        self.endpoint
+            .as_ref()
+            .err()
+            .map(|&(code, message)| ErrorDetail::new(code, message))
+    }
+
+    /// Appends the `policy_decided` event of the execute checkpoint.
+    pub fn record_decision(&self, tx: &mut Tx<'_>, node_run: &NodeRun) -> Result<(), StoreError> {
+        tx.append_event(
+            &node_run.run_id,
+            Some(&node_run.node_run_id),
+            RunEventType::PolicyDecided,
+            Some(policy::event_data(ACTION_EXECUTE, &self.decision)),
+        )?;
+        Ok(())
+    }
+
+    /// The NodeRun as it is handed to its executor: `running`, bound to the executor.
+    pub fn start(&self, node_run: &mut NodeRun) {
+        node_run.kind = Some(self.kind);
+        node_run.state = NodeRunState::Running;
+        node_run.started_at.get_or_insert_with(now_rfc3339);
+        node_run.executor_binding = Some(ExecutorBinding {
+            executor_instance_id: match self.kind {
+                NodeKind::Atomic => "jarvis-atomic-executor".into(),
+                NodeKind::Composite => "jarvis-composite-executor".into(),
+            },
+            endpoint: self.endpoint.clone().unwrap_or_default(),
+            audience: None,
+            extensions: None,
+        });
+    }
 }
 
 /// Looks the node type up, again and again while its sources are unreachable
@@ -538,7 +586,7 @@ fn backoff(attempt: u32, retry_after: Option<Duration>, deadline_at: i64) -> Dur
     wait.min(Duration::from_millis((deadline_at - now_ms()).max(0) as u64))
 }
 
-fn candidate_violation(
+pub fn candidate_violation(
     constraints: Option<&ConstraintEnvelope>,
     node_type_id: &str,
 ) -> Option<(&'static str, &'static str)> {

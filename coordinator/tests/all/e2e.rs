@@ -195,6 +195,79 @@ async fn cancel_run_stops_a_spinning_guest_in_the_executor() {
 }
 
 #[tokio::test]
+async fn a_root_of_a_known_kind_is_running_when_its_post_is_answered() {
+    let ex = executor().await;
+    ex.service
+        .executor
+        .registry()
+        .load_bytes("spin.wasm", &spin_pack())
+        .await
+        .unwrap();
+    let coord = Coordinator::start(with_executor(ex.url())).await;
+    // The first run teaches the catalog the node's kind (dispatch looks it up).
+    let first = coord
+        .start_run("jarvis.test.spin", "1.0.0", json!({}), json!({}))
+        .await;
+    coord
+        .wait_node_state(first["root_node_run_id"].as_str().unwrap(), "running", WAIT)
+        .await;
+
+    let run = coord
+        .start_run("jarvis.test.spin", "1.0.0", json!({}), json!({}))
+        .await;
+    let (run_id, root_id) = (
+        run["run_id"].as_str().unwrap(),
+        run["root_node_run_id"].as_str().unwrap(),
+    );
+    // Read at once: the POST's own commit began the root's dispatch.
+    let root = coord.node_run(root_id).await;
+    assert_eq!(root["state"], "running");
+    assert_eq!(root["executor_binding"]["endpoint"], json!(ex.url()));
+    let events = coord.events(run_id).await;
+    assert_eq!(
+        types(&events)[..4],
+        [
+            "run_started",
+            "node_run_assigned",
+            "policy_decided",
+            "policy_decided"
+        ]
+    );
+    assert_eq!(events[3]["data"]["action"], "node.run.execute");
+
+    // Both guests running before the cancels, so no cancel overtakes its execute call.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ex.service.executor.running() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second guest never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for run_id in [first["run_id"].as_str().unwrap(), run_id] {
+        let (s, _) = coord
+            .post(&format!("/v1/runs/{run_id}:cancel"), Value::Null)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ex.service.executor.running() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spinning guests were not stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let events = coord.events(run_id).await;
+    assert_gapless(&events);
+    let decisions = types(&events)
+        .iter()
+        .filter(|t| *t == "policy_decided")
+        .count();
+    assert_eq!(decisions, 2, "one per checkpoint: {events:?}");
+}
+
+#[tokio::test]
 async fn an_executor_that_is_down_then_up_gets_the_retry() {
     let port = free_port();
     let coord = Coordinator::start(with_executor(format!("http://127.0.0.1:{port}"))).await;
