@@ -5,11 +5,17 @@
 # then runs `jarvis-pack build-all`.
 #
 #   nodepacks/build-all.sh            # install what is missing, build all
+#   nodepacks/build-all.sh --core     # only the committed core pack, jarvis.core.wasm
 #   SKIP_INSTALL=1 nodepacks/build-all.sh
 #
 # On a machine whose rustup has `wasm32-unknown-unknown`, the apt step is not
 # needed: `cargo run -p jarvis-pack -- build-all` uses rustup's toolchain.
 set -euo pipefail
+core_only=
+if [[ "${1:-}" == "--core" ]]; then
+    core_only=1
+    shift
+fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -23,7 +29,7 @@ if [[ -z "${SKIP_INSTALL:-}" ]]; then
         $sudo apt-get install -y --no-install-recommends \
             rustc-web cargo-web rust-web-src rust-web-llvm lld-22
     fi
-    if ! command -v componentize-py >/dev/null; then
+    if [[ -z "$core_only" ]] && ! command -v componentize-py >/dev/null; then
         python3 -m pip install --quiet 'componentize-py==0.25.1'
     fi
 fi
@@ -35,4 +41,8 @@ if [[ -z "${JARVIS_COMPONENTIZE_PY:-}" ]] && ! command -v componentize-py >/dev/
 fi
 
 cd "$root"
-cargo run --quiet -p jarvis-pack -- build-all "$here" "$@"
+if [[ -n "$core_only" ]]; then
+    cargo run --quiet -p jarvis-pack -- build "$here/core" --out "$here" "$@"
+else
+    cargo run --quiet -p jarvis-pack -- build-all "$here" "$@"
+fi

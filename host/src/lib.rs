@@ -9,7 +9,9 @@
 //!   store state and host grants.
 //! - [`packs`]: what a pack declares, read within bounds and checked (`spec`);
 //!   the registry of loaded packs by source (`registry`), the node index
-//!   built from them (`index`) and the packs directory watcher (`watch`).
+//!   built from them (`index`), the packs directory watcher (`watch`) and
+//!   the inspection of pack files as the registry would load them
+//!   (`inspect`, which `jarvis-pack list|inspect|check` uses).
 //! - [`grants`]: host interfaces granted to packs (the guest `log`).
 //! - [`executor`]: admission, sandboxed execution, limits, cancel, retries,
 //!   and the one type every failed or canceled outcome is a variant of.

@@ -1,28 +1,22 @@
-//! `check`: does a component serve the `jarvis:node` world, and does what its
-//! `describe` says make sense?
+//! `list`, `inspect`, `check`: pack files judged by the executor's own loading code
+//! (`jarvis_atomic_executor::packs::PackInspector`), so a verdict here is the reason the
+//! running executor would give in `/v1/health`.
 
-use std::collections::HashSet;
-use std::fmt;
+use std::fmt::{self, Write as _};
+use std::path::PathBuf;
 
-use wasmtime::component::{Component, Linker, Val};
-use wasmtime::{Engine, Store};
-use wit_parser::Resolve;
+use anyhow::Context as _;
+pub use jarvis_atomic_executor::packs::{PackContents, PackInspector, PackReport};
+use serde_json::Value;
 
 /// The contract, as the tool was built against it.
 pub const NODE_PACK_WIT: &str = include_str!("../../wit/node-pack.wit");
 
-/// Why a component is not a usable node pack.
+/// Why a component is not a usable node pack: the reason the executor
+/// would skip it with.
 #[derive(Debug, thiserror::Error)]
-pub enum CheckError {
-    #[error("not a WebAssembly component: {0:#}")]
-    NotAComponent(anyhow::Error),
-    #[error("does not fit the jarvis:node/node-pack world: {0:#}")]
-    WrongWorld(anyhow::Error),
-    #[error("`describe` failed (it must not use clock, random, timer or log): {0:#}")]
-    DescribeFailed(anyhow::Error),
-    #[error("`describe` returned an unusable pack: {0}")]
-    BadDescription(String),
-}
+#[error("the executor would skip it: {0}")]
+pub struct CheckError(pub String);
 
 /// What a pack says about itself, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,160 +48,195 @@ impl fmt::Display for PackSummary {
     }
 }
 
-/// Check `component` against the world, then call its `describe` and check
-/// the answer.
+impl From<&PackContents> for PackSummary {
+    fn from(pack: &PackContents) -> Self {
+        Self {
+            pack_id: pack.pack_id.clone(),
+            pack_version: pack.pack_version.clone(),
+            nodes: pack
+                .nodes
+                .iter()
+                .map(|node| NodeSummary {
+                    node_type_id: node.node_type_id.clone(),
+                    version: node.version.clone(),
+                    side_effect: extension(node, "jarvis.side_effect").unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Checks `component` exactly as the executor loads a pack file, with the
+/// limits the executor would have in this environment.
 pub fn check(component: &[u8]) -> Result<PackSummary, CheckError> {
-    check_world(component)?;
-    let info = call_describe(component)?;
-    summarize(&info)
-}
-
-/// Type-level check: the component imports nothing the world does not offer
-/// and exports what the world requires, with the same types.
-fn check_world(component: &[u8]) -> Result<(), CheckError> {
-    wasmparser::Validator::new()
-        .validate_all(component)
-        .map_err(|error| CheckError::NotAComponent(error.into()))?;
-    if !wasmparser::Parser::is_component(component) {
-        return Err(CheckError::NotAComponent(anyhow::anyhow!(
-            "this is a core module; build it into a component with `jarvis-pack build`"
-        )));
+    let bytes = component.to_vec();
+    let report =
+        with_inspector(
+            move |inspector| async move { inspector.inspect("<component>", bytes).await },
+        )
+        .map_err(|e| CheckError(format!("{e:#}")))?;
+    match (&report.pack, report.skip_reason) {
+        (Some(pack), None) => Ok(pack.into()),
+        (_, reason) => Err(CheckError(reason.unwrap_or_default())),
     }
-    let mut resolve = Resolve::default();
-    let package = resolve
-        .push_str("node-pack.wit", NODE_PACK_WIT)
-        .map_err(CheckError::WrongWorld)?;
-    let world = resolve
-        .select_world(&[package], Some("node-pack"))
-        .map_err(CheckError::WrongWorld)?;
-    wit_component::targets(&resolve, world, component, false).map_err(CheckError::WrongWorld)
 }
 
-/// Run `describe` with every import trapping: the WIT says it must depend on
-/// neither time nor randomness, and this proves it.
-fn call_describe(component: &[u8]) -> Result<Val, CheckError> {
-    // One call of `describe`: compile fast rather than well (an 18 MB
-    // Python component takes a fraction of the time at opt-level none).
-    let mut config = wasmtime::Config::new();
-    config.cranelift_opt_level(wasmtime::OptLevel::None);
-    let engine =
-        Engine::new(&config).map_err(|error| CheckError::NotAComponent(from_wasmtime(error)))?;
-    let component = Component::new(&engine, component)
-        .map_err(|error| CheckError::NotAComponent(from_wasmtime(error)))?;
-    let mut linker: Linker<()> = Linker::new(&engine);
-    linker
-        .define_unknown_imports_as_traps(&component)
-        .map_err(|error| CheckError::WrongWorld(from_wasmtime(error)))?;
-    let mut store = Store::new(&engine, ());
-    let instance = linker
-        .instantiate(&mut store, &component)
-        .map_err(|error| CheckError::DescribeFailed(from_wasmtime(error)))?;
-    let describe = instance
-        .get_func(&mut store, "describe")
-        .ok_or_else(|| CheckError::WrongWorld(anyhow::anyhow!("no `describe` export")))?;
-    let mut results = [Val::Bool(false)];
-    describe
-        .call(&mut store, &[], &mut results)
-        .map_err(|error| CheckError::DescribeFailed(from_wasmtime(error)))?;
-    let [info] = results;
-    Ok(info)
-}
-
-/// wasmtime 48 has its own error type; keep its whole chain in the message.
-fn from_wasmtime(error: wasmtime::Error) -> anyhow::Error {
-    anyhow::anyhow!("{error:#}")
-}
-
-fn summarize(info: &Val) -> Result<PackSummary, CheckError> {
-    let bad = |message: String| CheckError::BadDescription(message);
-    let pack_id = string_field(info, "pack-id")?;
-    let pack_version = string_field(info, "pack-version")?;
-    if pack_id.is_empty() || pack_version.is_empty() {
-        return Err(bad("pack-id and pack-version must not be empty".into()));
-    }
-    let Some(Val::List(nodes)) = field(info, "nodes") else {
-        return Err(bad("no nodes list".into()));
-    };
-    if nodes.is_empty() {
-        return Err(bad(format!("pack {pack_id} describes no nodes")));
-    }
-    let mut seen = HashSet::new();
-    let mut summaries = Vec::with_capacity(nodes.len());
-    for node in nodes {
-        let node_type_id = string_field(node, "node-type-id")?;
-        let version = string_field(node, "version")?;
-        if node_type_id.is_empty() || version.is_empty() {
-            return Err(bad("a node has an empty node-type-id or version".into()));
+/// Reports on every pack file `paths` names: a file as it is, a directory
+/// as the executor reads a packs directory (its top-level `*.wasm` files).
+pub fn inspect_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PackReport>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let found = jarvis_atomic_executor::packs::pack_files(path)
+                .with_context(|| format!("listing {}", path.display()))?;
+            files.extend(found);
+        } else {
+            files.push(path.clone());
         }
-        if !seen.insert((node_type_id.clone(), version.clone())) {
-            return Err(bad(format!(
-                "node {node_type_id}@{version} is described twice"
-            )));
-        }
-        for schema in ["input-schema", "output-schema"] {
-            let text = string_field(node, schema)?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|error| bad(format!("{schema} of {node_type_id} is not JSON: {error}")))?;
-            if !value.is_object() {
-                return Err(bad(format!(
-                    "{schema} of {node_type_id} is not a JSON Schema object"
-                )));
-            }
-            if schema == "input-schema" && value.get("type").is_some_and(|t| t != "object") {
-                return Err(bad(format!(
-                    "input-schema of {node_type_id} must describe an object"
-                )));
-            }
-        }
-        let side_effect = match field(node, "side-effect") {
-            Some(Val::Enum(name)) => name.clone(),
-            _ => return Err(bad(format!("{node_type_id} has no side-effect"))),
-        };
-        summaries.push(NodeSummary {
-            node_type_id,
-            version,
-            side_effect,
-        });
     }
-    Ok(PackSummary {
-        pack_id,
-        pack_version,
-        nodes: summaries,
+    with_inspector(move |inspector| async move {
+        let mut reports = Vec::with_capacity(files.len());
+        for file in &files {
+            reports.push(inspector.inspect_file(file).await);
+        }
+        reports
     })
 }
 
-fn field<'a>(record: &'a Val, name: &str) -> Option<&'a Val> {
-    let Val::Record(fields) = record else {
-        return None;
+/// Runs `f` with an inspector on a thread and runtime of its own, so this
+/// works from plain code, from blocking tasks and from within a runtime alike.
+fn with_inspector<T, F, Fut>(f: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(PackInspector) -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+{
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime")?;
+        runtime.block_on(async move {
+            let inspector = PackInspector::from_env()?;
+            Ok(f(inspector).await)
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the inspecting thread panicked"))?
+}
+
+/// One line per file: verdict, pack, node count, size and hash.
+pub fn list_line(report: &PackReport) -> String {
+    let size = report.size.map_or("-".into(), |s| format!("{s} B"));
+    let hash = report
+        .sha256
+        .as_deref()
+        .map_or("-".into(), |h| format!("sha256:{}", &h[..12]));
+    match (&report.pack, &report.skip_reason) {
+        (Some(pack), None) => format!(
+            "ok    {}  {} {}  {} node(s)  {size}  {hash}",
+            report.path.display(),
+            pack.pack_id,
+            pack.pack_version,
+            pack.nodes.len()
+        ),
+        (_, reason) => format!(
+            "SKIP  {}  {size}  {hash}  {}",
+            report.path.display(),
+            reason.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// The verdict line of `check`.
+pub fn check_line(report: &PackReport) -> String {
+    match (&report.pack, &report.skip_reason) {
+        (Some(pack), None) => format!(
+            "{}: ok: served as {} {} with {} node(s)",
+            report.path.display(),
+            pack.pack_id,
+            pack.pack_version,
+            pack.nodes.len()
+        ),
+        (_, reason) => format!(
+            "{}: skipped: {}",
+            report.path.display(),
+            reason.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// Everything `inspect` shows of one file, for people.
+pub fn inspect_text(report: &PackReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "file     {}", report.path.display());
+    if let Some(size) = report.size {
+        let _ = writeln!(out, "size     {size} bytes");
+    }
+    if let Some(hash) = &report.sha256 {
+        let _ = writeln!(out, "sha256   {hash}");
+    }
+    let Some(pack) = report.pack.as_ref().filter(|_| report.ok()) else {
+        let reason = report.skip_reason.as_deref().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "verdict  SKIP: the executor would not load it: {reason}"
+        );
+        return out;
     };
-    fields
-        .iter()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value)
+    let _ = writeln!(
+        out,
+        "verdict  ok: the executor would serve its {} node(s)",
+        pack.nodes.len()
+    );
+    let _ = writeln!(out, "pack     {} {}", pack.pack_id, pack.pack_version);
+    if pack.imports.is_empty() {
+        let _ = writeln!(out, "imports  none");
+    } else {
+        let _ = writeln!(out, "imports  {}", pack.imports.join(", "));
+    }
+    for node in &pack.nodes {
+        let _ = writeln!(out, "node     {} {}", node.node_type_id, node.version);
+        if let Some(description) = &node.description {
+            let _ = writeln!(out, "  description    {description}");
+        }
+        for (label, key) in [
+            ("side effect", "jarvis.side_effect"),
+            ("trust tier", "jarvis.trust_tier"),
+            ("egress policy", "jarvis.egress_policy"),
+            ("tags", "jarvis.tags"),
+        ] {
+            let value = extension(node, key).unwrap_or_else(|| "none".into());
+            let _ = writeln!(out, "  {label:<14} {value}");
+        }
+        let wall = node
+            .constraints
+            .as_ref()
+            .and_then(|c| c.max_wall_time_ms())
+            .map_or("the executor's default".into(), |ms| format!("{ms} ms"));
+        let _ = writeln!(out, "  {:<14} {wall}", "max wall time");
+        for (label, schema) in [
+            ("input schema", &node.input_schema),
+            ("output schema", &node.output_schema),
+        ] {
+            let text = schema
+                .as_ref()
+                .map_or("none".into(), |s| Value::Object(s.clone()).to_string());
+            let _ = writeln!(out, "  {label:<14} {text}");
+        }
+    }
+    out
 }
 
-fn string_field(record: &Val, name: &str) -> Result<String, CheckError> {
-    match field(record, name) {
-        Some(Val::String(text)) => Ok(text.clone()),
-        _ => Err(CheckError::BadDescription(format!(
-            "field {name} is missing or not a string"
-        ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rejects_a_core_module() {
-        let module = wat::parse_str("(module)").unwrap();
-        assert!(matches!(check(&module), Err(CheckError::NotAComponent(_))));
-    }
-
-    #[test]
-    fn rejects_a_component_of_another_world() {
-        let component = wat::parse_str("(component)").unwrap();
-        assert!(matches!(check(&component), Err(CheckError::WrongWorld(_))));
-    }
+fn extension(node: &arp_types::NodeType, key: &str) -> Option<String> {
+    let value = node.extensions.as_ref()?.as_map().get(key)?;
+    Some(match value {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    })
 }

@@ -94,10 +94,19 @@ impl Toolchain {
             "--message-format=json-render-diagnostics",
         ]);
         // Added to (not replacing) any rustflags the pack's own config sets.
-        let rustflags: Vec<String> = LINK_ARGS
+        let mut rustflags: Vec<String> = LINK_ARGS
             .iter()
             .flat_map(|arg| ["\"-C\"".to_owned(), format!("\"link-arg={arg}\"")])
             .collect();
+        // Panic locations name source files: those of dependencies lie under
+        // CARGO_HOME, which differs between machines and users. Workspace
+        // members are named relative to the workspace already. With this the
+        // same sources and toolchain give the same bytes anywhere, which is
+        // what lets CI check the committed core pack against its sources.
+        if let Some(home) = cargo_home() {
+            let flag = format!("--remap-path-prefix={}=/cargo", home.display());
+            rustflags.push(format!("{:?}", flag));
+        }
         cargo.args([
             "--config".to_owned(),
             format!("target.{WASM_TARGET}.rustflags=[{}]", rustflags.join(", ")),
@@ -113,6 +122,13 @@ impl Toolchain {
         }
         cargo
     }
+}
+
+/// Cargo's home directory, where dependencies' sources are unpacked.
+fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
 }
 
 /// Where and how to build.

@@ -1,6 +1,7 @@
-//! `jarvis-pack`: scaffold, build and check JARVIS node packs.
+//! `jarvis-pack`: scaffold, build, list, inspect and check JARVIS node packs.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -43,11 +44,29 @@ enum Commands {
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Check that components serve the jarvis:node/node-pack world and describe themselves well.
-    Check {
-        /// Component files.
+    /// One line per pack file: would the executor load it, as which pack, size and sha256.
+    List {
+        /// Pack files, or packs directories (their top-level `*.wasm` files, as the executor
+        /// reads them).
         #[arg(required = true)]
-        files: Vec<PathBuf>,
+        paths: Vec<PathBuf>,
+    },
+    /// Everything about each pack file: nodes, versions, side effects, declared needs,
+    /// schemas, imports, size, sha256 and the verdict.
+    Inspect {
+        /// Pack files, or packs directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// JSON (one array of reports) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The verdict for each pack file: served, or skipped and why (the reason the
+    /// executor gives in `/v1/health`). Exits 1 if any file would be skipped.
+    Check {
+        /// Pack files, or packs directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
     },
 }
 
@@ -72,7 +91,7 @@ impl OutputArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Commands::New { dir, id, sdk } => {
             let name = dir
@@ -100,17 +119,45 @@ fn main() -> anyhow::Result<()> {
             let options = output.options(&dir)?;
             report(&jarvis_pack::build_all(&dir, &options)?);
         }
-        Commands::Check { files } => {
-            for file in files {
-                let component =
-                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                let summary = jarvis_pack::check(&component)
-                    .with_context(|| format!("{} is not a usable pack", file.display()))?;
-                println!("{}: ok, {summary}", file.display());
+        Commands::List { paths } => {
+            let reports = jarvis_pack::inspect_paths(&paths)?;
+            for report in &reports {
+                println!("{}", jarvis_pack::list_line(report));
             }
+            return Ok(verdict(&reports));
+        }
+        Commands::Inspect { paths, json } => {
+            let reports = jarvis_pack::inspect_paths(&paths)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                let texts: Vec<String> = reports.iter().map(jarvis_pack::inspect_text).collect();
+                print!("{}", texts.join("\n"));
+            }
+            return Ok(verdict(&reports));
+        }
+        Commands::Check { paths } => {
+            let reports = jarvis_pack::inspect_paths(&paths)?;
+            for report in &reports {
+                println!("{}", jarvis_pack::check_line(report));
+            }
+            return Ok(verdict(&reports));
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Failure when any file would be skipped, or when there was none to judge.
+fn verdict(reports: &[jarvis_pack::PackReport]) -> ExitCode {
+    if reports.is_empty() {
+        eprintln!("no pack files found");
+        return ExitCode::FAILURE;
+    }
+    if reports.iter().all(jarvis_pack::PackReport::ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn report(built: &[BuiltPack]) {

@@ -82,6 +82,13 @@ pub struct NodeEntry {
     catalogue_json: Box<str>,
 }
 
+impl NodeEntry {
+    /// The node as `GET /v1/node-types` lists it.
+    pub fn node_type(&self) -> NodeType {
+        serde_json::from_str(&self.catalogue_json).expect("serialised from a NodeType")
+    }
+}
+
 /// A pack and the nodes it declares, as loaded from one source.
 #[derive(Debug)]
 pub struct Loaded {

@@ -142,7 +142,7 @@ fn notify_watcher(dir: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWa
 
 /// What a file looked like when last listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stat {
+pub(crate) struct Stat {
     len: u64,
     modified: Option<SystemTime>,
 }
@@ -294,19 +294,12 @@ impl DirWatch {
 }
 
 async fn load_one(registry: &PackRegistry, name: &str, path: &Path, max_bytes: u64, reload: bool) {
-    let bytes = match read_at_most(path, max_bytes).await {
-        Ok(Some(bytes)) => bytes,
-        Ok(None) => {
-            registry.record_failure(
-                name,
-                format!("the file is larger than the limit of {max_bytes} bytes"),
-            );
-            return;
-        }
+    let bytes = match read_pack(path, max_bytes).await {
+        PackFile::Bytes(bytes) => bytes,
         // Gone since it was listed: the next scan removes it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        Err(e) => {
-            registry.record_failure(name, format!("cannot read the file: {e}"));
+        PackFile::Gone => return,
+        PackFile::Unreadable(reason) => {
+            registry.record_failure(name, reason);
             return;
         }
     };
@@ -338,6 +331,28 @@ async fn load_one(registry: &PackRegistry, name: &str, path: &Path, max_bytes: u
     }
 }
 
+/// A pack file as read from the packs directory.
+#[derive(Debug)]
+pub(crate) enum PackFile {
+    Bytes(Vec<u8>),
+    /// Removed since it was listed.
+    Gone,
+    /// Too large or unreadable, with the reason recorded for the file.
+    Unreadable(String),
+}
+
+/// Reads a pack file within `max_bytes`.
+pub(crate) async fn read_pack(path: &Path, max_bytes: u64) -> PackFile {
+    match read_at_most(path, max_bytes).await {
+        Ok(Some(bytes)) => PackFile::Bytes(bytes),
+        Ok(None) => PackFile::Unreadable(format!(
+            "the file is larger than the limit of {max_bytes} bytes"
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => PackFile::Gone,
+        Err(e) => PackFile::Unreadable(format!("cannot read the file: {e}")),
+    }
+}
+
 /// The file's bytes, or `None` if it holds more than `max` (checked while
 /// reading: the file may grow after it was listed).
 async fn read_at_most(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
@@ -358,7 +373,7 @@ async fn read_at_most(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>>
 }
 
 /// Every `*.wasm` file in `dir` (links followed) with its size and mtime.
-fn list(dir: &Path) -> std::io::Result<Vec<(String, Stat)>> {
+pub(crate) fn list(dir: &Path) -> std::io::Result<Vec<(String, Stat)>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;

@@ -416,3 +416,62 @@ async fn shutdown_abandons_a_pack_whose_describe_never_returns() {
     );
     assert_eq!(registry.pending(), 0, "an abandoned load is not pending");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pack_replaced_again_and_again_under_load_fails_no_request() {
+    const CLIENTS: usize = 12;
+    const REPLACEMENTS: u64 = 8;
+    let t = start(
+        reload_config(),
+        &[("load.wasm", returning("load", r#"{"v":0}"#))],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (client, url, stop) = (
+                t.client.clone(),
+                t.url("/v1/atomic-node-runs:execute"),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                // Versions this client saw, in order, and what went wrong.
+                let (mut seen, mut failures) = (Vec::new(), Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let body = request(&next_id(), "test.load", "1.0.0", json!({}));
+                    match client.post(&url).json(&body).send().await {
+                        Ok(resp) if resp.status() == 200 => {
+                            let result: Value = resp.json().await.unwrap_or(Value::Null);
+                            match result["outputs"]["v"].as_u64() {
+                                Some(v) if result["state"] == "succeeded" => seen.push(v),
+                                _ => failures.push(result.to_string()),
+                            }
+                        }
+                        Ok(resp) => failures.push(format!("HTTP {}", resp.status())),
+                        Err(e) => failures.push(format!("socket: {e}")),
+                    }
+                }
+                (seen, failures)
+            })
+        })
+        .collect();
+    for v in 1..=REPLACEMENTS {
+        install(
+            t.packs_dir(),
+            "load.wasm",
+            &returning("load", &format!(r#"{{"v":{v}}}"#)),
+        );
+        run_until(&t, "load", outputs_are(json!({ "v": v }))).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (seen, failures) = client.await.unwrap();
+        assert!(failures.is_empty(), "failed requests: {failures:?}");
+        // A request sees the old pack or the new one, and never an older
+        // one after a newer.
+        assert!(seen.is_sorted(), "versions went back: {seen:?}");
+        total += seen.len();
+    }
+    assert!(total >= CLIENTS, "the load did run: {total} requests");
+}
