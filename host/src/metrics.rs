@@ -12,12 +12,14 @@
 //!   node or version not served is counted under `unknown`.
 //! - `code` is one of the executor's own codes or a node error's code, which
 //!   the executor has already checked (`[a-z0-9_.]`, at most 128 bytes), but
-//!   which a guest still chooses freely. So a family gets at most
-//!   [`MAX_SERIES`] label sets of its own; past that, a new set is counted
-//!   with `code="other"`, and past twice that with `node_type_id`,
-//!   `version` and `code` all `other` (at most one series per state more).
-//!   The check and the insertion are not one step, so threads recording new
-//!   sets at the same moment may overshoot a bound by one set each.
+//!   which a guest still chooses freely. So once a family holds
+//!   [`MAX_SERIES`] label sets, a new set is counted with `code="other"`
+//!   (a success keeps `code=""`: only a new node can make it new), and once
+//!   it holds twice that, with `node_type_id` and `version` `other` too: at
+//!   most one series per state more. The duration family has no code, so
+//!   past [`MAX_SERIES`] its new sets fold the node at once. Two threads
+//!   creating the same set at the same moment count it twice, which only
+//!   makes folding start a little early.
 //!
 //! # The hot path
 //! Recording an execution whose series exists takes a read lock, hashes a
@@ -50,8 +52,9 @@ pub const PREFIX: &str = "jarvis_executor";
 /// Label sets a family keeps apart before folding new ones into `other`.
 pub const MAX_SERIES: usize = 1000;
 
-/// The word that stands for labels folded away or nodes not served.
+/// The label value of whatever was folded away.
 pub const OTHER: &str = "other";
+/// The node and version labels of a request for a node not served.
 pub const UNKNOWN: &str = "unknown";
 
 /// Upper bounds, in seconds, of the duration and queue-wait buckets: from
