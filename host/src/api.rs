@@ -22,12 +22,17 @@ use crate::executor::{ExecuteError, Executor};
 
 pub const SERVICE_NAME: &str = "jarvis-atomic-executor";
 
+/// Where Prometheus scrapes the executor's metrics; exempt from
+/// authentication unless `--metrics-require-auth`.
+pub const METRICS_PATH: &str = "/metrics";
+
 /// The service's router over `executor`.
 pub fn router(executor: Arc<Executor>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/version", get(version))
         .route("/v1/node-types", get(node_types))
+        .route(METRICS_PATH, get(metrics))
         .route("/v1/atomic-node-runs:execute", post(execute))
         .route("/v1/atomic-node-runs/{action}", post(node_run_action))
         .fallback(|| async { ApiError::NotFound })
@@ -51,6 +56,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error(transparent)]
     Execute(#[from] ExecuteError),
+    /// A fault inside the executor outside any execution; the detail is logged.
+    #[error("internal error")]
+    Internal,
 }
 
 impl IntoResponse for ApiError {
@@ -82,7 +90,7 @@ impl IntoResponse for ApiError {
             ApiError::Execute(ExecuteError::Conflict(_)) => {
                 (StatusCode::CONFLICT, "node_run_id_conflict", None, None)
             }
-            ApiError::Execute(ExecuteError::Internal) => (
+            ApiError::Execute(ExecuteError::Internal) | ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
                 None,
@@ -223,6 +231,20 @@ async fn version() -> Response {
 async fn node_types(State(executor): State<Arc<Executor>>) -> Response {
     // Prepared when the served nodes last changed: a refcount bump here.
     json_response(StatusCode::OK, executor.registry().catalogue())
+}
+
+/// `GET /metrics`: the Prometheus text format.
+async fn metrics(State(executor): State<Arc<Executor>>) -> Result<Response, ApiError> {
+    let text = executor.metrics_text().map_err(|e| {
+        tracing::error!(error = %e, "the metrics could not be written");
+        ApiError::Internal
+    })?;
+    let mut response = Response::new(Body::from(text));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    Ok(response)
 }
 
 async fn execute(

@@ -145,6 +145,11 @@ pub struct Args {
     #[arg(long, env = "JARVIS_MAX_SCHEMA_NODES", default_value_t = 10_000)]
     pub max_schema_nodes: u64,
 
+    /// Require authentication on `GET /metrics` too; by default it is open,
+    /// like `/v1/health`, for scrapers without a token.
+    #[arg(long, env = "JARVIS_METRICS_REQUIRE_AUTH")]
+    pub metrics_require_auth: bool,
+
     /// Seconds to let in-flight requests finish after SIGTERM or ctrl-c.
     #[arg(long, env = "JARVIS_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -167,6 +172,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Inbound authentication, from the `ARP_AUTH_*` variables.
     pub auth: AuthSettings,
+    /// Whether `GET /metrics` needs authentication (otherwise it is exempt).
+    pub metrics_require_auth: bool,
 }
 
 impl Config {
@@ -293,6 +300,7 @@ impl Args {
             compile_cache_dir,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             auth,
+            metrics_require_auth: self.metrics_require_auth,
         })
     }
 }

@@ -15,6 +15,7 @@
 //! - [`grants`]: host interfaces granted to packs (the guest `log`).
 //! - [`executor`]: admission, sandboxed execution, limits, cancel, retries,
 //!   and the one type every failed or canceled outcome is a variant of.
+//! - [`metrics`]: Prometheus metric names, help texts and label bounds.
 //! - [`api`]: the HTTP API and its ARP error envelopes.
 //! - [`watpack`]: packs written as WAT (the built-in echo, test guests).
 
@@ -22,6 +23,7 @@ pub mod api;
 pub mod config;
 pub mod executor;
 pub mod grants;
+pub mod metrics;
 pub mod packs;
 pub mod runtime;
 pub mod watpack;
@@ -35,6 +37,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::executor::Executor;
+use crate::metrics::Metrics;
 use crate::packs::registry::{BUILTIN_SOURCE, PackRegistry};
 use crate::packs::watch::PackWatcher;
 use crate::runtime::{EpochTicker, GuestRuntime};
@@ -62,8 +65,14 @@ impl Service {
     /// loading and watching the packs directory. Must run inside a tokio
     /// runtime.
     pub async fn start(config: &Config) -> anyhow::Result<Self> {
-        let auth = jarvis_auth::Authenticator::new(config.auth.clone())
+        let mut auth = config.auth.clone();
+        if !config.metrics_require_auth && !auth.exempt_paths.iter().any(|p| p == api::METRICS_PATH)
+        {
+            auth.exempt_paths.push(api::METRICS_PATH.to_owned());
+        }
+        let auth = jarvis_auth::Authenticator::new(auth)
             .map_err(|e| anyhow::anyhow!("authentication: {e}"))?;
+        let metrics = Arc::new(Metrics::new());
         let mut limits = config.runtime.clone();
         limits.max_instances = limits.max_instances.saturating_add(SPARE_INSTANCES);
         let engine = runtime::build_engine(&limits, config.compile_cache_dir.as_deref())?;
@@ -72,6 +81,7 @@ impl Service {
             engine,
             limits,
             config.pack_limits.clone(),
+            metrics.clone(),
         )?);
         let builtin = wasmtime_wat(&watpack::builtin_echo_wat())?;
         registry
@@ -88,6 +98,7 @@ impl Service {
             registry,
             config.executor.clone(),
             guests.handle().clone(),
+            metrics,
         ));
         Ok(Self {
             executor,

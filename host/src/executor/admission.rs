@@ -44,6 +44,11 @@ impl Admission {
         self.capacity - self.permits.available_permits()
     }
 
+    /// Requests waiting for a slot now.
+    pub(super) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Waits for a sandbox slot within the queue's bounds.
     pub(super) async fn admit(
         &self,

@@ -146,6 +146,7 @@ impl Executor {
         };
         let dropped = store.data().logs_dropped();
         if dropped > 0 {
+            self.metrics.guest_log_lines_dropped(dropped.into());
             tracing::warn!(
                 node_run_id = %request.node_run_id,
                 dropped,

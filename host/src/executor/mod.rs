@@ -27,7 +27,7 @@ mod invoke;
 mod outcome;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arp_types::time::now_rfc3339;
@@ -41,6 +41,7 @@ use self::dedupe::{Begin, NodeRuns, Retention};
 use self::invoke::GuestJob;
 use self::outcome::{Failure, Outcome};
 use crate::grants::log::Sanitized;
+use crate::metrics::{Gauges, Metrics, NodeLabels};
 use crate::registry::{Lookup, PackRegistry};
 use crate::runtime::Cancel;
 
@@ -109,6 +110,46 @@ struct Call {
     started_at: String,
     /// The time limit that applies, as reported in a `timeout` error.
     limit: Duration,
+    /// What its log line and metrics say beyond the request.
+    record: Record,
+}
+
+/// What an execution's log line and metrics say beyond its request, recorded
+/// once per execution.
+struct Record {
+    /// The node's labels, if the index serves it.
+    node: Option<NodeLabels>,
+    arrival: Instant,
+    /// Microseconds waited for a sandbox slot (0 if it never asked for one).
+    queue_wait_us: AtomicU64,
+    /// Set by the first [`Executor::complete`]: a guest the API side answered
+    /// `timeout` or `canceled` for completes again when it stops, and that
+    /// second outcome is not the execution's. (A guest finishing in the same
+    /// instant as the deadline may record its own outcome first.)
+    done: AtomicBool,
+}
+
+impl Record {
+    fn new(arrival: Instant, node: Option<NodeLabels>) -> Self {
+        Self {
+            node,
+            arrival,
+            queue_wait_us: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// Notes how long the execution waited for a slot, admitted or not.
+    fn waited(&self, metrics: &Metrics, waited: Duration) {
+        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.queue_wait_us.store(us, Ordering::Relaxed);
+        metrics.queue_wait(waited);
+    }
+}
+
+/// A duration in milliseconds, to the microsecond, for the log line.
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// Runs atomic NodeRuns against the packs of a [`PackRegistry`].
@@ -121,6 +162,7 @@ pub struct Executor {
     guests: tokio::runtime::Handle,
     /// Guest invocations started, ever (retries that attach do not count).
     invocations: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -138,6 +180,7 @@ impl Executor {
         registry: Arc<PackRegistry>,
         config: ExecutorConfig,
         guests: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             admission: Admission::new(
@@ -154,6 +197,7 @@ impl Executor {
             config,
             guests,
             invocations: AtomicU64::new(0),
+            metrics,
         }
     }
 
@@ -169,6 +213,20 @@ impl Executor {
     /// one until it has stopped).
     pub fn running(&self) -> usize {
         self.admission.running()
+    }
+
+    /// Requests waiting for a sandbox slot now.
+    pub fn queued(&self) -> usize {
+        self.admission.queued()
+    }
+
+    /// `GET /metrics`: every metric, with the gauges read now.
+    pub fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        self.metrics.render(Gauges {
+            in_flight: self.running(),
+            queue_depth: self.queued(),
+            pack_load_failures: self.registry.failed_count(),
+        })
     }
 
     /// Guest invocations started since the executor was created.
@@ -271,20 +329,26 @@ impl Executor {
         let deadline = arrival + limit;
         // The result does not repeat the inputs, so they move out of the request.
         let inputs = Value::Object(std::mem::take(&mut request.inputs));
+        let node = found.as_ref().ok().map(|e| e.metric_labels.clone());
         let call = Arc::new(Call {
             request,
             principal,
             started_at,
             limit,
+            record: Record::new(arrival, node),
         });
         let entry = match found {
             Ok(entry) => entry,
             Err(failure) => return Ok(self.complete(&call, Err(failure))),
         };
 
-        let permit = match self.admission.admit(deadline, &cancel).await {
+        let asked = Instant::now();
+        let admitted = self.admission.admit(deadline, &cancel).await;
+        call.record.waited(&self.metrics, asked.elapsed());
+        let permit = match admitted {
             Ok(permit) => permit,
             Err(Refused::Overloaded) => {
+                self.metrics.overloaded();
                 return Err(ExecuteError::Overloaded {
                     retry_after: OVERLOAD_RETRY_AFTER,
                 });
@@ -335,6 +399,33 @@ impl Executor {
                 (state, None, Some(error))
             }
         };
+        if !call.record.done.swap(true, Ordering::AcqRel) {
+            self.record(call, state, error.as_ref().map(|e| e.code.as_str()));
+        }
+        let result = AtomicExecuteResult {
+            node_run_id: call.request.node_run_id.clone(),
+            state,
+            outputs,
+            output_artifacts: None,
+            started_at: Some(call.started_at.clone()),
+            ended_at: Some(now_rfc3339()),
+            error,
+            extensions: None,
+        };
+        let json = serde_json::to_vec(&result).expect("results serialize");
+        Completed {
+            state,
+            json: json.into(),
+        }
+    }
+
+    /// The execution's one log line and its metrics.
+    fn record(&self, call: &Call, state: NodeRunState, code: Option<&str>) {
+        let record = &call.record;
+        let duration = record.arrival.elapsed();
+        let queue_wait = Duration::from_micros(record.queue_wait_us.load(Ordering::Relaxed));
+        self.metrics
+            .execution(record.node.as_ref(), state, code, duration);
         let request = &call.request;
         let ref_ = &request.node_type_ref;
         // One line per execution, naming who asked for it. Successes are the hot path, so they are logged at debug level.
@@ -348,7 +439,9 @@ impl Executor {
                     node_type_id = %Sanitized(&ref_.node_type_id),
                     version = %Sanitized(&ref_.version),
                     state = ?state,
-                    code = error.as_ref().map(|e| e.code.as_str()),
+                    code,
+                    duration_ms = millis(duration),
+                    queue_wait_ms = millis(queue_wait),
                     "execution finished"
                 )
             };
@@ -357,21 +450,6 @@ impl Executor {
             finished!(tracing::Level::DEBUG);
         } else {
             finished!(tracing::Level::INFO);
-        }
-        let result = AtomicExecuteResult {
-            node_run_id: request.node_run_id.clone(),
-            state,
-            outputs,
-            output_artifacts: None,
-            started_at: Some(call.started_at.clone()),
-            ended_at: Some(now_rfc3339()),
-            error,
-            extensions: None,
-        };
-        let json = serde_json::to_vec(&result).expect("results serialize");
-        Completed {
-            state,
-            json: json.into(),
         }
     }
 }

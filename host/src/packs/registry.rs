@@ -23,6 +23,7 @@ use wasmtime::component::{Component, Linker};
 use super::index::{IndexEntry, IndexedPack, NodeIndex};
 use super::spec::{self, PackLimits};
 use crate::grants::log::Sanitized;
+use crate::metrics::{Metrics, NodeLabels};
 use crate::runtime::{RuntimeLimits, StoreState, new_store};
 use crate::world::{InvokeExport, NodePackPre, NodeSpec, PackInfo, SideEffect};
 
@@ -80,6 +81,8 @@ pub struct NodeEntry {
     pub output_schema: jsonschema::Validator,
     /// How `GET /v1/node-types` presents the node, serialised once at load.
     catalogue_json: Box<str>,
+    /// The node's labels in the executor's metrics, built once at load.
+    pub(crate) metric_labels: NodeLabels,
 }
 
 impl NodeEntry {
@@ -147,6 +150,7 @@ pub struct PackRegistry {
     sources: Mutex<Sources>,
     /// Pack files being loaded.
     pending: watch::Sender<usize>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for PackRegistry {
@@ -162,6 +166,7 @@ impl PackRegistry {
         engine: Engine,
         limits: RuntimeLimits,
         pack_limits: PackLimits,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let mut linker = Linker::new(&engine);
         crate::runtime::add_grants(&mut linker)?;
@@ -177,6 +182,7 @@ impl PackRegistry {
             index: RwLock::new(Arc::new(empty)),
             sources: Mutex::new(Sources::default()),
             pending: watch::channel(0).0,
+            metrics,
         })
     }
 
@@ -186,6 +192,10 @@ impl PackRegistry {
 
     pub fn limits(&self) -> &RuntimeLimits {
         &self.limits
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Compiles, describes and serves one pack under `source`, replacing
@@ -268,6 +278,7 @@ impl PackRegistry {
     pub fn record_failure(&self, source: &str, reason: String) {
         let serving = self.loaded_hash(source).is_some();
         tracing::error!(file = %Sanitized(source), reason = %Sanitized(&reason), keeps_previous_version = serving, "pack skipped");
+        self.metrics.pack_failed();
         self.sources
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -327,6 +338,12 @@ impl PackRegistry {
             .iter()
             .map(|(f, r)| (f.clone(), r.clone()))
             .collect()
+    }
+
+    /// How many files' latest version failed to load.
+    pub fn failed_count(&self) -> usize {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.failed.len()
     }
 
     /// Sources whose packs are loaded, shadowed ones included.
@@ -534,9 +551,11 @@ fn node_entry(
     let catalogue_json = serde_json::to_string(&node_type)
         .expect("node types serialize")
         .into_boxed_str();
+    let node_type_id = Arc::<str>::from(spec.node_type_id.as_str());
     Ok(NodeEntry {
         pack: pack.clone(),
-        node_type_id: Arc::from(spec.node_type_id.as_str()),
+        metric_labels: NodeLabels::new(node_type_id.clone(), &spec.version),
+        node_type_id,
         version: spec.version,
         max_wall_time: spec
             .max_wall_time_ms

@@ -320,6 +320,7 @@ async fn load_one(registry: &PackRegistry, name: &str, path: &Path, max_bytes: u
     match registry.prepare_hashed(name, bytes, hash).await {
         Ok(loaded) => {
             let nodes = registry.install(loaded);
+            registry.metrics().pack_loaded(reload);
             let message = if reload {
                 "pack reloaded"
             } else {

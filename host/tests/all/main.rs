@@ -4,6 +4,7 @@ mod api;
 mod bounds;
 mod containment;
 mod limits;
+mod metrics;
 mod packs;
 mod reload;
 mod retries;
