@@ -81,7 +81,9 @@ impl PackInspector {
         limits.max_instances = 2;
         let engine = runtime::build_engine(&limits, config.compile_cache_dir.as_deref())?;
         let ticker = EpochTicker::start(engine.clone());
-        let registry = PackRegistry::new(engine, limits, config.pack_limits.clone())?;
+        // Offline: the counters are never read.
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let registry = PackRegistry::new(engine, limits, config.pack_limits.clone(), metrics)?;
         Ok(Self {
             registry,
             max_file_bytes: config.watch.max_file_bytes,
