@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -9,6 +10,7 @@ use clap::Parser;
 use jarvis_auth::AuthSettings;
 
 use crate::executor::{ExecutorConfig, OutputLimits};
+use crate::grants::Grants;
 use crate::packs::spec::PackLimits;
 use crate::packs::watch::WatchSettings;
 use crate::runtime::{GuestThreads, RuntimeLimits};
@@ -145,6 +147,11 @@ pub struct Args {
     #[arg(long, env = "JARVIS_MAX_SCHEMA_NODES", default_value_t = 10_000)]
     pub max_schema_nodes: u64,
 
+    /// TOML file of what each pack may reach and read (destinations, config
+    /// values, secrets, limits, a sha256 pin); without it packs get nothing.
+    #[arg(long, env = "JARVIS_GRANTS_FILE")]
+    pub grants: Option<PathBuf>,
+
     /// Seconds to let in-flight requests finish after SIGTERM or ctrl-c.
     #[arg(long, env = "JARVIS_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -167,6 +174,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Inbound authentication, from the `ARP_AUTH_*` variables.
     pub auth: AuthSettings,
+    /// What each pack is granted, from the grants file (nothing without one).
+    pub grants: Arc<Grants>,
 }
 
 impl Config {
@@ -246,6 +255,10 @@ impl Args {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        let grants = match &self.grants {
+            Some(path) => Grants::load(path).map_err(|e| format!("JARVIS_GRANTS_FILE: {e}"))?,
+            None => Grants::default(),
+        };
         let compile_cache_dir = if self.no_compile_cache {
             None
         } else {
@@ -293,6 +306,7 @@ impl Args {
             compile_cache_dir,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             auth,
+            grants: Arc::new(grants),
         })
     }
 }

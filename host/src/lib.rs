@@ -5,12 +5,13 @@
 //! # Layout
 //! - [`config`]: command line and environment, validated into one `Config`.
 //! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
-//! - [`runtime`]: wasmtime engine, epoch ticker, the guests' own runtime,
-//!   store state and host grants.
+//! - [`runtime`]: wasmtime engine, linker and limits built once, the epoch
+//!   ticker, the guests' own runtime, and the sandbox every call runs in.
 //! - [`packs`]: what a pack declares, read within bounds and checked (`spec`);
 //!   the registry of loaded packs by source (`registry`), the node index
 //!   built from them (`index`) and the packs directory watcher (`watch`).
-//! - [`grants`]: host interfaces granted to packs (the guest `log`).
+//! - [`grants`]: host interfaces granted to packs, one module each (log,
+//!   clock, random, timer, config), and the operator's grants file.
 //! - [`executor`]: admission, sandboxed execution, limits, cancel, retries,
 //!   and the one type every failed or canceled outcome is a variant of.
 //! - [`api`]: the HTTP API and its ARP error envelopes.
@@ -70,6 +71,7 @@ impl Service {
             engine,
             limits,
             config.pack_limits.clone(),
+            config.grants.clone(),
         )?);
         let builtin = wasmtime_wat(&watpack::builtin_echo_wat())?;
         registry

@@ -3,6 +3,7 @@
 mod api;
 mod bounds;
 mod containment;
+mod grants;
 mod limits;
 mod packs;
 mod reload;
