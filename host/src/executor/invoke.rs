@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::outcome::{Failure, Outcome, check_inputs, check_outputs};
+use super::outcome::{Failure, Outcome, check_gates, check_inputs, check_outputs};
 use super::{Call, Completed, Executor};
 use crate::registry::NodeEntry;
 use crate::runtime::{Cancel, Interrupted, Sandbox};
@@ -59,6 +59,7 @@ impl Executor {
         deadline: Instant,
         cancel: Arc<Cancel>,
     ) -> Outcome {
+        check_gates(entry.side_effect, &call.request)?;
         check_inputs(&entry.input_schema, &inputs)?;
         // serde_json's writer, not `Display`, which goes through `fmt`.
         let inputs = serde_json::to_string(&inputs).expect("a JSON value serializes");

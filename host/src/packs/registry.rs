@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use arp_types::core::SideEffectClass;
 use arp_types::{ConstraintEnvelope, Extensions, NodeKind, NodeType};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -84,6 +85,8 @@ pub struct NodeEntry {
     pub node_type_id: Arc<str>,
     pub version: String,
     pub max_wall_time: Option<Duration>,
+    /// What running the node may change, checked against the caller's gate.
+    pub side_effect: SideEffectClass,
     pub input_schema: jsonschema::Validator,
     pub output_schema: jsonschema::Validator,
     /// What the operator grants this node (nothing unless the grants file
@@ -512,14 +515,14 @@ fn node_entry(
             reason,
         })?;
     let side_effect = match spec.side_effect {
-        SideEffect::Read => "read",
-        SideEffect::Write => "write",
-        SideEffect::Irreversible => "irreversible",
+        SideEffect::Read => SideEffectClass::Read,
+        SideEffect::Write => SideEffectClass::Write,
+        SideEffect::Irreversible => SideEffectClass::Irreversible,
     };
     let mut extensions = Extensions::default();
     extensions.insert("jarvis.pack_id", pack.pack_id.clone().into());
     extensions.insert("jarvis.pack_version", pack.pack_version.clone().into());
-    extensions.insert("jarvis.side_effect", side_effect.into());
+    extensions.insert("jarvis.side_effect", side_effect.as_str().into());
     extensions.insert("jarvis.trust_tier", spec.trust_tier.clone().into());
     if let Some(egress) = &spec.egress_policy {
         extensions.insert("jarvis.egress_policy", egress.clone().into());
@@ -557,6 +560,7 @@ fn node_entry(
         max_wall_time: spec
             .max_wall_time_ms
             .map(|ms| Duration::from_millis(ms.into())),
+        side_effect,
         input_schema: input.validator,
         output_schema: output.validator,
         grants: Arc::new(grants),

@@ -3,6 +3,7 @@
 mod api;
 mod bounds;
 mod containment;
+mod gates;
 mod grants;
 mod limits;
 mod packs;
