@@ -240,3 +240,96 @@ async fn the_executor_refuses_to_start_on_a_bad_grants_file() {
     assert!(stderr.contains("JARVIS_GRANTS_FILE"), "{stderr}");
     assert!(stderr.contains("scheme://host"), "{stderr}");
 }
+
+/// The executor binary logging its own events at trace level, with a secret from its environment
+/// that a node reads: no line it writes carries the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_read_by_a_node_never_reaches_the_log() {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let packs = dir.path().join("packs");
+    std::fs::create_dir(&packs).unwrap();
+    std::fs::write(
+        packs.join("reader.wasm"),
+        reading_pack("reader", "token", true),
+    )
+    .unwrap();
+    let grants = dir.path().join("grants.toml");
+    std::fs::write(
+        &grants,
+        "[packs.\"test.reader\"]\nsecrets = { token = { env = \"TEST_READER_TOKEN\" } }\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jarvis-atomic-executor"))
+        .args(["--port", "0", "--no-compile-cache", "--packs"])
+        .arg(&packs)
+        .arg("--grants")
+        .arg(&grants)
+        .env("TEST_READER_TOKEN", format!("{{\"token\":\"{SECRET}\"}}"))
+        // Everything of ours at debug, where successes are logged.
+        .env("RUST_LOG", "info,jarvis_atomic_executor=trace,pack=trace")
+        .env("ARP_AUTH_PROFILE", "dev-insecure")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut readers = Vec::new();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut lines = Vec::new();
+    let wait_for = |lines: &mut Vec<String>, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lines.iter().any(|l: &String| l.contains(what)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => panic!("no log line with {what:?} in {lines:#?}"),
+            }
+        }
+    };
+    wait_for(&mut lines, "listening");
+    wait_for(&mut lines, "pack loaded");
+    let listening = lines.iter().find(|l| l.contains("listening")).unwrap();
+    let addr = listening
+        .split(|c: char| c == '"' || c == '=' || c.is_whitespace())
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .to_owned();
+    let result: Value = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/atomic-node-runs:execute"))
+        .json(&request("nr-secret", "test.reader", "1.0.0", json!({})))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The node may return what it was granted; the host logs none of it.
+    assert_eq!(result["outputs"], json!({ "token": SECRET }), "{result}");
+    wait_for(&mut lines, "execution finished");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    lines.extend(rx.try_iter());
+    for line in &lines {
+        assert!(!line.contains(SECRET), "{line}");
+    }
+}
