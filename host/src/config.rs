@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -9,6 +10,7 @@ use clap::Parser;
 use jarvis_auth::AuthSettings;
 
 use crate::executor::{ExecutorConfig, OutputLimits};
+use crate::grants::Grants;
 use crate::packs::spec::PackLimits;
 use crate::packs::watch::WatchSettings;
 use crate::runtime::{GuestThreads, RuntimeLimits};
@@ -149,6 +151,10 @@ pub struct Args {
     /// like `/v1/health`, for scrapers without a token.
     #[arg(long, env = "JARVIS_METRICS_REQUIRE_AUTH")]
     pub metrics_require_auth: bool,
+    /// TOML file of what each pack may reach and read (destinations, config
+    /// values, secrets, limits, a sha256 pin); without it packs get nothing.
+    #[arg(long, env = "JARVIS_GRANTS_FILE")]
+    pub grants: Option<PathBuf>,
 
     /// Seconds to let in-flight requests finish after SIGTERM or ctrl-c.
     #[arg(long, env = "JARVIS_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
@@ -174,6 +180,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Whether `GET /metrics` needs authentication (otherwise it is exempt).
     pub metrics_require_auth: bool,
+    /// What each pack is granted, from the grants file (nothing without one).
+    pub grants: Arc<Grants>,
 }
 
 impl Config {
@@ -253,6 +261,10 @@ impl Args {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        let grants = match &self.grants {
+            Some(path) => Grants::load(path).map_err(|e| format!("JARVIS_GRANTS_FILE: {e}"))?,
+            None => Grants::default(),
+        };
         let compile_cache_dir = if self.no_compile_cache {
             None
         } else {
@@ -301,6 +313,7 @@ impl Args {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             auth,
             metrics_require_auth: self.metrics_require_auth,
+            grants: Arc::new(grants),
         })
     }
 }

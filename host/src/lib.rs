@@ -5,14 +5,15 @@
 //! # Layout
 //! - [`config`]: command line and environment, validated into one `Config`.
 //! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
-//! - [`runtime`]: wasmtime engine, epoch ticker, the guests' own runtime,
-//!   store state and host grants.
+//! - [`runtime`]: wasmtime engine, linker and limits built once, the epoch
+//!   ticker, the guests' own runtime, and the sandbox every call runs in.
 //! - [`packs`]: what a pack declares, read within bounds and checked (`spec`);
 //!   the registry of loaded packs by source (`registry`), the node index
 //!   built from them (`index`), the packs directory watcher (`watch`) and
 //!   the inspection of pack files as the registry would load them
 //!   (`inspect`, which `jarvis-pack list|inspect|check` uses).
-//! - [`grants`]: host interfaces granted to packs (the guest `log`).
+//! - [`grants`]: host interfaces granted to packs, one module each (log,
+//!   clock, random, timer, config), and the operator's grants file.
 //! - [`executor`]: admission, sandboxed execution, limits, cancel, retries,
 //!   and the one type every failed or canceled outcome is a variant of.
 //! - [`metrics`]: Prometheus metric names, help texts and label bounds.
@@ -81,6 +82,7 @@ impl Service {
             engine,
             limits,
             config.pack_limits.clone(),
+            config.grants.clone(),
             metrics.clone(),
         )?);
         let builtin = wasmtime_wat(&watpack::builtin_echo_wat())?;

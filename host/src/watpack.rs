@@ -86,6 +86,7 @@ pub struct WatPack {
     sleep_import: bool,
     byte_pages: bool,
     log_import: bool,
+    config_import: bool,
     describe_prologue: String,
     describe_post_return: String,
 }
@@ -100,6 +101,7 @@ impl WatPack {
             sleep_import: false,
             byte_pages: false,
             log_import: false,
+            config_import: false,
             describe_prologue: String::new(),
             describe_post_return: String::new(),
         }
@@ -150,6 +152,17 @@ impl WatPack {
     /// module exists.
     pub fn with_log(mut self) -> Self {
         self.log_import = true;
+        self
+    }
+
+    /// Imports `jarvis:node/config`, callable in `invoke` as `(call
+    /// $config_get (key_ptr) (key_len) (ret))` and `(call $config_secret
+    /// (name_ptr) (name_len) (ret))`, each writing an `option<string>` at
+    /// `ret` (tag byte at +0, pointer at +4, length at +8). Like
+    /// [`WatPack::with_log`], the memory lives in a module of its own, whose
+    /// bump allocator places the host's strings in the memory's top 16 KiB.
+    pub fn with_config(mut self) -> Self {
+        self.config_import = true;
         self
     }
 
@@ -238,9 +251,31 @@ impl WatPack {
             module_imports.push_str(r#"(import "host" "sleep" (func $sleep (param i64)))"#);
             host_exports.push_str(r#" (export "sleep" (func $sleep_lowered))"#);
         }
-        let memory_decl = if self.log_import {
+        let shared_memory = self.log_import || self.config_import;
+        if shared_memory {
+            // Strings the host hands over go to the top 16 KiB of the first
+            // 64 KiB, above the static data and the heap of small packs.
             let _ = write!(
                 component_imports,
+                r#"
+  (core module $memory_m
+    (memory (export "memory") {memory})
+    (global $bump (mut i32) (i32.const 49152))
+    (func (export "realloc") (param i32 i32) (param $align i32) (param $size i32) (result i32)
+      (local $ptr i32)
+      (local.set $ptr (i32.and (i32.add (global.get $bump) (i32.sub (local.get $align) (i32.const 1)))
+                               (i32.sub (i32.const 0) (local.get $align))))
+      (global.set $bump (i32.add (local.get $ptr) (local.get $size)))
+      (if (i32.gt_u (global.get $bump) (i32.const 65536)) (then unreachable))
+      (local.get $ptr)))
+  (core instance $memory_i (instantiate $memory_m))
+  (alias core export $memory_i "memory" (core memory $shared_memory))
+  (alias core export $memory_i "realloc" (core func $shared_realloc))"#
+            );
+            host_exports.push_str(r#" (export "memory" (memory $shared_memory))"#);
+        }
+        if self.log_import {
+            component_imports.push_str(
                 r#"
   (import "jarvis:node/log@0.1.0" (instance $log
     (type $level' (enum "trace" "debug" "info" "warn" "error"))
@@ -249,16 +284,32 @@ impl WatPack {
     (export "field" (type $field (eq $field')))
     (export "log" (func (param "level" $level) (param "message" string) (param "fields" (list $field))))))
   (alias export $log "log" (func $log_f))
-  (core module $memory_m (memory (export "memory") {memory}))
-  (core instance $memory_i (instantiate $memory_m))
-  (alias core export $memory_i "memory" (core memory $shared_memory))
-  (core func $log_lowered (canon lower (func $log_f) (memory $shared_memory)))"#
+  (core func $log_lowered (canon lower (func $log_f) (memory $shared_memory)))"#,
             );
             module_imports
                 .push_str(r#"(import "host" "log" (func $log (param i32 i32 i32 i32 i32)))"#);
-            host_exports.push_str(
-                r#" (export "log" (func $log_lowered)) (export "memory" (memory $shared_memory))"#,
+            host_exports.push_str(r#" (export "log" (func $log_lowered))"#);
+        }
+        if self.config_import {
+            component_imports.push_str(
+                r#"
+  (import "jarvis:node/config@0.1.0" (instance $config
+    (export "get" (func (param "key" string) (result (option string))))
+    (export "get-secret" (func (param "name" string) (result (option string))))))
+  (alias export $config "get" (func $config_get_f))
+  (alias export $config "get-secret" (func $config_secret_f))
+  (core func $config_get_lowered (canon lower (func $config_get_f) (memory $shared_memory) (realloc $shared_realloc)))
+  (core func $config_secret_lowered (canon lower (func $config_secret_f) (memory $shared_memory) (realloc $shared_realloc)))"#,
             );
+            module_imports.push_str(
+                r#"(import "host" "config_get" (func $config_get (param i32 i32 i32)))
+    (import "host" "config_secret" (func $config_secret (param i32 i32 i32)))"#,
+            );
+            host_exports.push_str(
+                r#" (export "config_get" (func $config_get_lowered)) (export "config_secret" (func $config_secret_lowered))"#,
+            );
+        }
+        let memory_decl = if shared_memory {
             format!(r#"(memory (export "memory") (import "host" "memory") {memory})"#)
         } else {
             format!(r#"(memory (export "memory") {memory})"#)

@@ -10,7 +10,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use jarvis::node::{clock, log, random, timer};
+pub use jarvis::node::{clock, config, log, random, timer};
 
 use wasmtime::AsContextMut;
 use wasmtime::component::{ComponentExportIndex, Instance, TypedFunc};

@@ -12,10 +12,10 @@ use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::outcome::{Failure, Outcome, check_inputs, check_outputs};
+use super::outcome::{Failure, Outcome, check_gates, check_inputs, check_outputs};
 use super::{Call, Completed, Executor};
 use crate::registry::NodeEntry;
-use crate::runtime::{Cancel, Interrupted, StoreState, new_store};
+use crate::runtime::{Cancel, Interrupted, Sandbox};
 use crate::world::Invocation;
 
 /// Everything the guest side of one execution needs.
@@ -59,6 +59,7 @@ impl Executor {
         deadline: Instant,
         cancel: Arc<Cancel>,
     ) -> Outcome {
+        check_gates(entry.side_effect, &call.request)?;
         check_inputs(&entry.input_schema, &inputs)?;
         // serde_json's writer, not `Display`, which goes through `fmt`.
         let inputs = serde_json::to_string(&inputs).expect("a JSON value serializes");
@@ -87,17 +88,13 @@ impl Executor {
         cancel: Arc<Cancel>,
     ) -> Result<String, Failure> {
         let request = &call.request;
-        let state = StoreState::new(
-            self.registry.limits(),
-            id.clone(),
-            entry.node_type_id.clone(),
-        );
-        let mut store = new_store(
-            self.registry.engine(),
-            state,
-            deadline.into_std(),
-            Some(cancel.clone()),
-        );
+        let mut store = self.registry.runtime().sandbox(Sandbox {
+            node_run_id: id.clone(),
+            node_type_id: entry.node_type_id.clone(),
+            grants: entry.grants.clone(),
+            deadline: deadline.into_std(),
+            cancel: Some(cancel.clone()),
+        });
 
         let trace = request.run_context.as_ref().and_then(|c| c.trace.as_ref());
         let invocation = Invocation {

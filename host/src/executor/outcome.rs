@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use arp_types::{ErrorDetail, JsonObject, NodeRunState};
+use arp_types::core::SideEffectClass;
+use arp_types::{AtomicExecuteRequest, ErrorDetail, JsonObject, NodeRunState};
 use serde_json::{Value, json};
 
 use crate::runtime::{Interrupted, InterruptedError, MemoryLimitExceeded};
@@ -59,6 +60,12 @@ pub(super) enum Failure {
         node_type_id: String,
         requested: String,
         available: Vec<String>,
+    },
+    /// `side_effect_not_allowed`: the node may change more than the
+    /// caller's `gates.side_effect_class` allows.
+    SideEffectGate {
+        node: SideEffectClass,
+        allowed: SideEffectClass,
     },
     /// `invalid_inputs`
     InvalidInputs { details: JsonObject },
@@ -119,6 +126,18 @@ impl Failure {
             .with_details(object(
                 json!({ "requested": requested, "available": available }),
             )),
+            Self::SideEffectGate { node, allowed } => ErrorDetail::new(
+                "side_effect_not_allowed",
+                format!(
+                    "the node's side effect is {}, more than the {} the request allows",
+                    node.as_str(),
+                    allowed.as_str()
+                ),
+            )
+            .with_details(object(json!({
+                "side_effect": node.as_str(),
+                "allowed": allowed.as_str(),
+            }))),
             Self::InvalidInputs { details } => ErrorDetail::new(
                 "invalid_inputs",
                 "inputs do not match the node's input schema",
@@ -218,6 +237,23 @@ fn is_valid_code(code: &str) -> bool {
 /// The longest prefix of `s` of at most `max` bytes ending at a char boundary.
 fn truncate(s: &str, max: usize) -> &str {
     &s[..s.floor_char_boundary(max)]
+}
+
+/// Refuses a node whose side effect is more than the request's
+/// `constraints.gates.side_effect_class` allows, before it runs.
+pub(super) fn check_gates(
+    node: SideEffectClass,
+    request: &AtomicExecuteRequest,
+) -> Result<(), Failure> {
+    let allowed = request
+        .constraints
+        .as_ref()
+        .and_then(|c| c.gates.as_ref())
+        .and_then(|g| g.side_effect_class);
+    match allowed {
+        Some(allowed) if node > allowed => Err(Failure::SideEffectGate { node, allowed }),
+        _ => Ok(()),
+    }
 }
 
 /// Parses a guest's outputs: a JSON object within the size cap that matches

@@ -9,9 +9,13 @@
 //! [`MAX_KEY_BYTES`] bytes, in both.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::world::log::{Field, Level};
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::runtime::StoreState;
+use crate::world::log::{self, Field, Level};
 
 /// Longest message, field key and field value kept, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
@@ -19,6 +23,54 @@ pub const MAX_KEY_BYTES: usize = 64;
 pub const MAX_VALUE_BYTES: usize = 512;
 /// Fields of one call kept; the rest are dropped.
 pub const MAX_FIELDS: usize = 32;
+
+/// The log's slice of store state: which execution the lines belong to and
+/// how many more it may write.
+#[derive(Debug)]
+pub struct LogState {
+    node_run_id: Arc<str>,
+    node_type_id: Arc<str>,
+    left: u32,
+    dropped: u32,
+}
+
+impl LogState {
+    pub(crate) fn new(node_run_id: Arc<str>, node_type_id: Arc<str>, max_lines: u32) -> Self {
+        Self {
+            node_run_id,
+            node_type_id,
+            left: max_lines,
+            dropped: 0,
+        }
+    }
+
+    /// Lines dropped over the budget.
+    pub fn dropped(&self) -> u32 {
+        self.dropped
+    }
+}
+
+pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    log::add_to_linker::<StoreState, HasSelf<LogState>>(linker, |s| &mut s.log)
+}
+
+impl log::Host for LogState {
+    fn log(&mut self, level: Level, message: String, fields: Vec<Field>) -> wasmtime::Result<()> {
+        if self.left == 0 {
+            self.dropped = self.dropped.saturating_add(1);
+            return Ok(());
+        }
+        self.left -= 1;
+        emit(
+            level,
+            &self.node_run_id,
+            &self.node_type_id,
+            &message,
+            &fields,
+        );
+        Ok(())
+    }
+}
 
 /// Whether logs are written as JSON, where text is escaped by the encoder.
 static JSON_FORMAT: AtomicBool = AtomicBool::new(false);

@@ -1,3 +1,26 @@
-//! Host interfaces granted to packs, one file each (only `log` lives here so far).
+//! Host interfaces granted to packs, one file each; each owns its slice of
+//! the store state and its registration in the linker; [`file`] reads what
+//! the operator grants each pack.
 
+pub mod clock;
+pub mod config;
+pub mod file;
 pub mod log;
+pub mod random;
+pub mod timer;
+
+use wasmtime::component::Linker;
+
+use crate::runtime::StoreState;
+
+pub use self::file::{Grants, GrantsError, NodeGrants, Secret};
+
+/// Adds every host interface of the `node-pack` world to `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    log::add_to_linker(linker)?;
+    clock::add_to_linker(linker)?;
+    random::add_to_linker(linker)?;
+    timer::add_to_linker(linker)?;
+    config::add_to_linker(linker)?;
+    Ok(())
+}

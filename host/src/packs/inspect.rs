@@ -83,7 +83,13 @@ impl PackInspector {
         let ticker = EpochTicker::start(engine.clone());
         // Offline: the counters are never read.
         let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-        let registry = PackRegistry::new(engine, limits, config.pack_limits.clone(), metrics)?;
+        let registry = PackRegistry::new(
+            engine,
+            limits,
+            config.pack_limits.clone(),
+            config.grants.clone(),
+            metrics,
+        )?;
         Ok(Self {
             registry,
             max_file_bytes: config.watch.max_file_bytes,
@@ -152,7 +158,7 @@ impl PackInspector {
         let component = loaded.pack.pre.instance_pre().component();
         let imports = component
             .component_type()
-            .imports(self.registry.engine())
+            .imports(self.registry.runtime().engine())
             .map(|(name, _)| name.to_owned())
             .collect();
         PackContents {

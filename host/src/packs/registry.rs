@@ -13,18 +13,21 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use arp_types::core::SideEffectClass;
 use arp_types::{ConstraintEnvelope, Extensions, NodeKind, NodeType};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use wasmtime::Engine;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::Component;
 
 use super::index::{IndexEntry, IndexedPack, NodeIndex};
 use super::spec::{self, PackLimits};
+use crate::grants::file::to_hex;
 use crate::grants::log::Sanitized;
+use crate::grants::{Grants, NodeGrants};
 use crate::metrics::{Metrics, NodeLabels};
-use crate::runtime::{RuntimeLimits, StoreState, new_store};
+use crate::runtime::{Runtime, RuntimeLimits, Sandbox, StoreState};
 use crate::world::{InvokeExport, NodePackPre, NodeSpec, PackInfo, SideEffect};
 
 /// Longest a pack's `describe` may run at load time.
@@ -48,6 +51,12 @@ pub enum PackLoadError {
     InvalidPack(String),
     #[error("node {node}: {reason}")]
     InvalidNode { node: String, reason: String },
+    #[error("pack {pack_id}: the file's sha256 is {actual}, the grants file pins {pinned}")]
+    PinMismatch {
+        pack_id: String,
+        actual: String,
+        pinned: String,
+    },
 }
 
 /// A compiled pack, ready to instantiate.
@@ -77,8 +86,13 @@ pub struct NodeEntry {
     pub node_type_id: Arc<str>,
     pub version: String,
     pub max_wall_time: Option<Duration>,
+    /// What running the node may change, checked against the caller's gate.
+    pub side_effect: SideEffectClass,
     pub input_schema: jsonschema::Validator,
     pub output_schema: jsonschema::Validator,
+    /// What the operator grants this node (nothing unless the grants file
+    /// names its pack).
+    pub grants: Arc<NodeGrants>,
     /// How `GET /v1/node-types` presents the node, serialised once at load.
     catalogue_json: Box<str>,
     /// The node's labels in the executor's metrics, built once at load.
@@ -140,10 +154,9 @@ struct Sources {
 
 /// Every node the executor serves.
 pub struct PackRegistry {
-    engine: Engine,
-    linker: Linker<StoreState>,
-    limits: RuntimeLimits,
+    runtime: Runtime,
     pack_limits: PackLimits,
+    grants: Arc<Grants>,
     index: RwLock<Arc<Snapshot>>,
     /// Held by whoever changes the sources and builds the next snapshot, so
     /// readers of the current one never wait for the catalogue to be rebuilt.
@@ -166,19 +179,18 @@ impl PackRegistry {
         engine: Engine,
         limits: RuntimeLimits,
         pack_limits: PackLimits,
+        grants: Arc<Grants>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let mut linker = Linker::new(&engine);
-        crate::runtime::add_grants(&mut linker)?;
+        let runtime = Runtime::new(engine, limits)?;
         let empty = Snapshot {
             nodes: NodeIndex::default(),
             catalogue: Bytes::from_static(b"[]"),
         };
         Ok(Self {
-            engine,
-            linker,
-            limits,
+            runtime,
             pack_limits,
+            grants,
             index: RwLock::new(Arc::new(empty)),
             sources: Mutex::new(Sources::default()),
             pending: watch::channel(0).0,
@@ -186,12 +198,9 @@ impl PackRegistry {
         })
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    pub fn limits(&self) -> &RuntimeLimits {
-        &self.limits
+    /// The engine, linker and limits every pack runs with.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -234,11 +243,11 @@ impl PackRegistry {
         bytes: Vec<u8>,
         hash: [u8; 32],
     ) -> Result<Loaded, PackLoadError> {
-        let engine = self.engine.clone();
+        let engine = self.runtime.engine().clone();
         let component = tokio::task::spawn_blocking(move || compile(&engine, &bytes))
             .await
             .map_err(|e| PackLoadError::NotAComponent(format!("compiler task failed: {e}")))??;
-        let (pack, nodes) = self.register_component(source, &component).await?;
+        let (pack, nodes) = self.register_component(source, &component, &hash).await?;
         Ok(Loaded { pack, nodes, hash })
     }
 
@@ -401,14 +410,25 @@ impl PackRegistry {
         &self,
         source: &str,
         component: &Component,
+        hash: &[u8; 32],
     ) -> Result<(Arc<LoadedPack>, Vec<Arc<NodeEntry>>), PackLoadError> {
         let pre = self
-            .linker
+            .runtime
+            .linker()
             .instantiate_pre(component)
             .map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
         let pre = NodePackPre::new(pre).map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
         let (info, invoke) = self.describe(&pre).await?;
         spec::check_pack(&info, &self.pack_limits).map_err(PackLoadError::InvalidPack)?;
+        if let Some(pinned) = self.grants.pin(&info.pack_id)
+            && pinned != *hash
+        {
+            return Err(PackLoadError::PinMismatch {
+                pack_id: spec::quote(&info.pack_id),
+                actual: to_hex(hash),
+                pinned: to_hex(&pinned),
+            });
+        }
         let pack = Arc::new(LoadedPack {
             source: source.to_owned(),
             pack_id: info.pack_id.clone(),
@@ -420,10 +440,14 @@ impl PackRegistry {
         // runs where it cannot hold up the API's requests.
         let limits = self.pack_limits.clone();
         let loaded = pack.clone();
+        let all_grants = self.grants.clone();
         let entries = tokio::task::spawn_blocking(move || {
             info.nodes
                 .into_iter()
-                .map(|spec| node_entry(&loaded, spec, &limits).map(Arc::new))
+                .map(|spec| {
+                    let grants = all_grants.for_node(&loaded.pack_id, &spec.node_type_id);
+                    node_entry(&loaded, spec, &limits, grants).map(Arc::new)
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -435,13 +459,14 @@ impl PackRegistry {
         &self,
         pre: &NodePackPre<StoreState>,
     ) -> Result<(PackInfo, InvokeExport), PackLoadError> {
-        let state = StoreState::new(
-            &self.limits,
-            Arc::from("<describe>"),
-            Arc::from("<describe>"),
-        );
-        let deadline = std::time::Instant::now() + DESCRIBE_TIME_LIMIT;
-        let mut store = new_store(&self.engine, state, deadline, None);
+        // `describe` must not depend on anything granted: it gets nothing.
+        let mut store = self.runtime.sandbox(Sandbox {
+            node_run_id: Arc::from("<describe>"),
+            node_type_id: Arc::from("<describe>"),
+            grants: Arc::new(NodeGrants::default()),
+            deadline: std::time::Instant::now() + DESCRIBE_TIME_LIMIT,
+            cancel: None,
+        });
         let call = async {
             let instance = pre
                 .instance_pre()
@@ -506,6 +531,7 @@ fn node_entry(
     pack: &Arc<LoadedPack>,
     spec: NodeSpec,
     limits: &PackLimits,
+    grants: NodeGrants,
 ) -> Result<NodeEntry, PackLoadError> {
     let spec::CheckedNode { input, output } =
         spec::check_node(&spec, limits).map_err(|reason| PackLoadError::InvalidNode {
@@ -513,14 +539,14 @@ fn node_entry(
             reason,
         })?;
     let side_effect = match spec.side_effect {
-        SideEffect::Read => "read",
-        SideEffect::Write => "write",
-        SideEffect::Irreversible => "irreversible",
+        SideEffect::Read => SideEffectClass::Read,
+        SideEffect::Write => SideEffectClass::Write,
+        SideEffect::Irreversible => SideEffectClass::Irreversible,
     };
     let mut extensions = Extensions::default();
     extensions.insert("jarvis.pack_id", pack.pack_id.clone().into());
     extensions.insert("jarvis.pack_version", pack.pack_version.clone().into());
-    extensions.insert("jarvis.side_effect", side_effect.into());
+    extensions.insert("jarvis.side_effect", side_effect.as_str().into());
     extensions.insert("jarvis.trust_tier", spec.trust_tier.clone().into());
     if let Some(egress) = &spec.egress_policy {
         extensions.insert("jarvis.egress_policy", egress.clone().into());
@@ -560,8 +586,10 @@ fn node_entry(
         max_wall_time: spec
             .max_wall_time_ms
             .map(|ms| Duration::from_millis(ms.into())),
+        side_effect,
         input_schema: input.validator,
         output_schema: output.validator,
+        grants: Arc::new(grants),
         catalogue_json,
     })
 }

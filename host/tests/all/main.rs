@@ -3,6 +3,8 @@
 mod api;
 mod bounds;
 mod containment;
+mod gates;
+mod grants;
 mod limits;
 mod metrics;
 mod packs;

@@ -184,6 +184,22 @@ pub mod random {
     }
 }
 
+/// Config values and secrets the operator grants this pack in the executor's
+/// grants file. Anything not granted reads as `None`.
+pub mod config {
+    use crate::bindings::jarvis::node::config;
+
+    /// The config value `key`, if granted.
+    pub fn get(key: &str) -> Option<String> {
+        config::get(key)
+    }
+
+    /// The secret `name`, if granted. Keep it out of logs and outputs.
+    pub fn secret(name: &str) -> Option<String> {
+        config::get_secret(name)
+    }
+}
+
 /// Structured logging into the host's log, tagged with the execution's ids.
 pub mod log {
     pub use crate::bindings::jarvis::node::log::Level;
