@@ -7,7 +7,7 @@ started_at/ended_at). Only 127.0.0.1."""
 import argparse
 import asyncio
 import datetime
-import http.client
+import http.client as httpclient
 import json
 import multiprocessing
 import statistics
@@ -37,7 +37,7 @@ async def http(reader, writer, method, path, body=b""):
 def poll_health(port, stop, results):
     """Polls GET /v1/health every 10 ms on one keep-alive connection until
     `stop` is set; puts the list of latencies (ms) on `results`."""
-    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn = httpclient.HTTPConnection("127.0.0.1", port)
     latencies = []
     while not stop.is_set():
         began = time.perf_counter()
