@@ -33,6 +33,18 @@ pub enum NodeRunState {
 }
 
 impl NodeRunState {
+    /// The state as it is written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Assigned => "assigned",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Canceled => "canceled",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Canceled)
     }
@@ -199,5 +211,27 @@ impl ConstraintEnvelope {
             return Err(("constraints.budgets.max_cost", "must be a number >= 0"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NodeRunState;
+
+    #[test]
+    fn a_node_run_state_as_text_is_its_wire_form() {
+        for state in [
+            NodeRunState::Queued,
+            NodeRunState::Assigned,
+            NodeRunState::Running,
+            NodeRunState::Succeeded,
+            NodeRunState::Failed,
+            NodeRunState::Canceled,
+        ] {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::Value::from(state.as_str())
+            );
+        }
     }
 }

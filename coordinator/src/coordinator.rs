@@ -679,7 +679,7 @@ pub fn complete_in_tx(
         );
     }
     tx.update_node_run(&node_run)?;
-    let state = json!(crate::store::state_str(node_run.state));
+    let state = json!(node_run.state.as_str());
     if node_run.kind == Some(NodeKind::Atomic) {
         tx.append_event(
             &node_run.run_id,
@@ -805,7 +805,7 @@ fn open_node_run(tx: &Tx<'_>, node_run_id: &str) -> Result<NodeRunRow, ApiError>
             "node_run_already_terminal",
             format!(
                 "NodeRun '{node_run_id}' has already ended ({})",
-                crate::store::state_str(row.node_run.state)
+                row.node_run.state.as_str()
             ),
         ));
     }

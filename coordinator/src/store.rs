@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arp_types::JsonObject;
 use arp_types::run::{NodeRun, Run, RunEvent, RunEventType};
-use arp_types::{JsonObject, NodeRunState};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -478,7 +478,7 @@ impl Tx<'_> {
                 node_run.node_run_id,
                 node_run.run_id,
                 node_run.parent_node_run_id,
-                state_str(node_run.state),
+                node_run.state.as_str(),
                 depth as i64,
                 lease,
                 deadline_at,
@@ -502,7 +502,7 @@ impl Tx<'_> {
             )?
             .execute(params![
                 node_run.node_run_id,
-                state_str(node_run.state),
+                node_run.state.as_str(),
                 serde_json::to_string(node_run)?,
                 terminal
             ])?;
@@ -749,17 +749,6 @@ pub fn node_run_tree(
     )?;
     let rows = stmt.query_map(params![run_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
-}
-
-pub fn state_str(state: NodeRunState) -> &'static str {
-    match state {
-        NodeRunState::Queued => "queued",
-        NodeRunState::Assigned => "assigned",
-        NodeRunState::Running => "running",
-        NodeRunState::Succeeded => "succeeded",
-        NodeRunState::Failed => "failed",
-        NodeRunState::Canceled => "canceled",
-    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -312,7 +312,7 @@ impl Metrics {
         duration: Duration,
     ) {
         let node = node.cloned().unwrap_or_else(NodeLabels::unknown);
-        let state = state_label(state);
+        let state = state.as_str();
         let code = match code {
             None => Text::Fixed(""),
             // Failures only: a short copy of a code already checked.
@@ -383,17 +383,6 @@ impl Metrics {
         let mut text = String::with_capacity(8 << 10);
         prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
         Ok(text)
-    }
-}
-
-fn state_label(state: NodeRunState) -> &'static str {
-    match state {
-        NodeRunState::Queued => "queued",
-        NodeRunState::Assigned => "assigned",
-        NodeRunState::Running => "running",
-        NodeRunState::Succeeded => "succeeded",
-        NodeRunState::Failed => "failed",
-        NodeRunState::Canceled => "canceled",
     }
 }
 
