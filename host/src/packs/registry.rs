@@ -287,12 +287,14 @@ impl PackRegistry {
     pub fn record_failure(&self, source: &str, reason: String) {
         let serving = self.loaded_hash(source).is_some();
         tracing::error!(file = %Sanitized(source), reason = %Sanitized(&reason), keeps_previous_version = serving, "pack skipped");
-        self.metrics.pack_failed();
         self.sources
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .failed
             .insert(source.to_owned(), reason);
+        // Counted once the failure is visible, so a scrape that sees the
+        // count also sees the file among the failures.
+        self.metrics.pack_failed();
     }
 
     /// Forgets the failure of `source`: its file is back to a version that loaded.
