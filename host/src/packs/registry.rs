@@ -333,7 +333,14 @@ impl PackRegistry {
         drop(sources);
         // Logged when they start, not again at every change.
         for s in next.nodes.shadowed() {
-            if !before.nodes.shadowed().contains(s) {
+            if before.nodes.shadowed().contains(s) {
+                continue;
+            }
+            if s.source == BUILTIN_SOURCE {
+                // A pack serving its own echo is the normal set-up (the
+                // committed core pack does), not something to warn about.
+                tracing::info!(node = %s.node, version = %s.version, served_by = %Sanitized(&s.by), "built-in node replaced by a pack");
+            } else {
                 tracing::warn!(file = %Sanitized(&s.source), node = %s.node, version = %s.version, served_by = %Sanitized(&s.by), "pack node shadowed");
             }
         }
