@@ -273,6 +273,32 @@ async fn check_names_each_node_its_grants_would_not_serve_with_the_executors_rea
     );
     assert!(out.contains("with the grants of"), "{out}");
 
+    // inspect names the node not served and shows every node's needs.
+    let (path, file) = (packs.clone(), grants.clone());
+    let text = tokio::task::spawn_blocking(move || {
+        let file = file.to_str().unwrap().to_owned();
+        jarvis_pack(&["inspect", "--grants", &file], &path)
+    })
+    .await
+    .unwrap();
+    assert_eq!(text.status.code(), Some(1), "{text:?}");
+    let text = stdout(&text);
+    assert!(
+        text.contains("verdict  PART: the executor would serve 1 of its 2 node(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "node     test.needy.fetch 1.0.0 NOT SERVED: {reason}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("needs          host https://api.example.com, config region, secret token"),
+        "{text}"
+    );
+    assert!(text.contains("needs          config region"), "{text}");
+
     // inspect --json lists what each node declares, served or not.
     let (path, file) = (packs.clone(), grants.clone());
     let inspect = tokio::task::spawn_blocking(move || {
