@@ -133,7 +133,9 @@ const MAX_FAILED_CHECKS: usize = 100;
 const MAX_REASON_CHARS: usize = 500;
 
 /// `GET /v1/health`: `degraded` while any pack file failed to load, with a
-/// check naming each (until it is fixed or removed), or while packs load.
+/// check naming each (until it is fixed or removed), while any node a
+/// loaded pack describes is not served for want of grants (a check per
+/// node), or while packs load.
 async fn health(State(executor): State<Arc<Executor>>) -> Response {
     let registry = executor.registry();
     let pending = registry.pending();
@@ -179,6 +181,39 @@ async fn health(State(executor): State<Arc<Executor>>) -> Response {
             message: Some(format!(
                 "{} more pack file(s) failed to load",
                 failed.len() - MAX_FAILED_CHECKS
+            )),
+            details: None,
+        });
+    }
+    let (not_served, not_served_total) = registry.not_served(MAX_FAILED_CHECKS);
+    for (file, node) in &not_served {
+        let file = truncate(file, 255);
+        let reason = truncate(&node.reason, MAX_REASON_CHARS);
+        let mut details = JsonObject::new();
+        details.insert("file".into(), Value::from(file.clone()));
+        details.insert(
+            "node_type_id".into(),
+            Value::from(node.node_type_id.clone()),
+        );
+        details.insert("version".into(), Value::from(node.version.clone()));
+        details.insert("reason".into(), Value::from(reason.clone()));
+        checks.push(HealthCheck {
+            name: format!("node:{}@{}", node.node_type_id, node.version),
+            status: Status::Degraded,
+            message: Some(format!(
+                "{} {} of {file} is not served: {reason}",
+                node.node_type_id, node.version
+            )),
+            details: Some(details),
+        });
+    }
+    if not_served_total > not_served.len() {
+        checks.push(HealthCheck {
+            name: "node:more".into(),
+            status: Status::Degraded,
+            message: Some(format!(
+                "{} more node(s) not served",
+                not_served_total - not_served.len()
             )),
             details: None,
         });

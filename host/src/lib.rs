@@ -7,7 +7,8 @@
 //! - [`world`]: bindings generated from `wit/node-pack.wit` (the only `bindgen!`).
 //! - [`runtime`]: wasmtime engine, linker and limits built once, the epoch
 //!   ticker, the guests' own runtime, and the sandbox every call runs in.
-//! - [`packs`]: what a pack declares, read within bounds and checked (`spec`);
+//! - [`packs`]: what a pack declares, read within bounds and checked (`spec`),
+//!   and what it needs granted, checked against the grants (`needs`);
 //!   the registry of loaded packs by source (`registry`), the node index
 //!   built from them (`index`), the packs directory watcher (`watch`) and
 //!   the inspection of pack files as the registry would load them

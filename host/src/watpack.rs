@@ -76,7 +76,43 @@ impl WatNode {
     }
 }
 
-/// A single-module component implementing the `node-pack` world.
+/// One entry of a [`WatPack`]'s `needs` answer: the `node-needs` record of
+/// `jarvis:node/needs`.
+#[derive(Debug, Clone, Default)]
+pub struct WatNeeds {
+    pub node_type_id: String,
+    pub hosts: Vec<String>,
+    pub config: Vec<String>,
+    pub secrets: Vec<String>,
+}
+
+impl WatNeeds {
+    /// An entry for `node_type_id` (or `*`) needing nothing yet.
+    pub fn new(node_type_id: &str) -> Self {
+        Self {
+            node_type_id: node_type_id.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn host(mut self, pattern: &str) -> Self {
+        self.hosts.push(pattern.into());
+        self
+    }
+
+    pub fn config(mut self, key: &str) -> Self {
+        self.config.push(key.into());
+        self
+    }
+
+    pub fn secret(mut self, name: &str) -> Self {
+        self.secrets.push(name.into());
+        self
+    }
+}
+
+/// A single-module component implementing the `node-pack` world (or
+/// `node-pack-with-needs`, see [`WatPack::with_needs`]).
 #[derive(Debug, Clone)]
 pub struct WatPack {
     pack_id: String,
@@ -89,6 +125,7 @@ pub struct WatPack {
     config_import: bool,
     describe_prologue: String,
     describe_post_return: String,
+    needs: Option<Vec<WatNeeds>>,
 }
 
 impl WatPack {
@@ -104,6 +141,7 @@ impl WatPack {
             config_import: false,
             describe_prologue: String::new(),
             describe_post_return: String::new(),
+            needs: None,
         }
     }
 
@@ -166,6 +204,13 @@ impl WatPack {
         self
     }
 
+    /// Exports `jarvis:node/needs` (the `node-pack-with-needs` world),
+    /// whose `needs` answers `needs` as given, valid or not.
+    pub fn with_needs(mut self, needs: Vec<WatNeeds>) -> Self {
+        self.needs = Some(needs);
+        self
+    }
+
     pub fn node(mut self, node: WatNode) -> Self {
         self.nodes.push(node);
         self
@@ -222,10 +267,42 @@ impl WatPack {
         self.put(&info, 4)
     }
 
+    /// Lays out the `list<node-needs>` `needs` returns and returns the
+    /// address of its (pointer, length) pair.
+    fn layout_needs(&mut self, needs: &[WatNeeds]) -> u32 {
+        let mut records = Vec::with_capacity(needs.len() * 32);
+        for entry in needs {
+            let mut rec = [0u8; 32];
+            rec[0..8].copy_from_slice(&self.put_str(&entry.node_type_id));
+            for (at, list) in [(8, &entry.hosts), (16, &entry.config), (24, &entry.secrets)] {
+                let items: Vec<[u8; 8]> = list.iter().map(|s| self.put_str(s)).collect();
+                let addr = self.put(&items.concat(), 4);
+                rec[at..at + 8].copy_from_slice(&pair(addr, items.len() as u32));
+            }
+            records.extend_from_slice(&rec);
+        }
+        let addr = self.put(&records, 4);
+        self.put(&pair(addr, needs.len() as u32), 4)
+    }
+
     /// The component's WAT, with `invoke_body` as the body of `$invoke`.
     pub fn to_wat(&self, invoke_body: &str) -> String {
         let mut pack = self.clone();
         let describe_addr = pack.layout_describe();
+        let needs_addr = self.needs.as_deref().map(|needs| pack.layout_needs(needs));
+        let (needs_core, needs_component) = match needs_addr {
+            None => (String::new(), String::new()),
+            Some(addr) => (
+                format!(r#"(func (export "needs") (result i32) (i32.const {addr}))"#),
+                r#"(type $node-needs' (record (field "node-type-id" string) (field "hosts" (list string))
+    (field "config" (list string)) (field "secrets" (list string))))
+  (func $needs_f (result (list $node-needs'))
+    (canon lift (core func $i "needs") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))))
+  (instance $needs_i (export "node-needs" (type $node-needs')) (export "needs" (func $needs_f)))
+  (export "jarvis:node/needs@0.1.0" (instance $needs_i))"#
+                    .to_owned(),
+            ),
+        };
         let heap_start = (DATA_BASE + pack.image.len() as u32).next_multiple_of(8);
         // `memory.size` and `memory.grow` count pages; the heap grows in steps
         // of `step` bytes (a multiple of the page size).
@@ -370,6 +447,7 @@ impl WatPack {
     (func (export "invoke") (param $call i32) (result i32)
       {invoke_body})
     (func (export "cabi_post_invoke") (param i32) (global.set $heap (i32.const {heap_start})))
+    {needs_core}
   )
   {instantiate}
   (type $side-effect' (enum "read" "write" "irreversible"))
@@ -395,6 +473,7 @@ impl WatPack {
   (func (export "invoke") (param "call" $invocation) (result (result string (error $node-error)))
     (canon lift (core func $i "invoke") (memory (core memory $i "memory")) (realloc (core func $i "cabi_realloc"))
       (post-return (core func $i "cabi_post_invoke"))))
+  {needs_component}
 )"#,
             r4 = RESULT_AREA + 4,
             r8 = RESULT_AREA + 8,

@@ -48,3 +48,47 @@ impl InvokeExport {
         Some(unsafe { InvokeFunc::new_unchecked(func) })
     }
 }
+
+/// Name of the optional `needs` interface a pack of the
+/// `node-pack-with-needs` world exports.
+pub const NEEDS_INTERFACE: &str = "jarvis:node/needs@0.1.0";
+
+/// One entry of a pack's `needs` answer: the `node-needs` record of
+/// `jarvis:node/needs`. Written out here because `bindgen!` reads the
+/// `node-pack` world, which does not export the interface (a pack without it
+/// must keep loading); [`NeedsExport::find`] checks it against the
+/// component's own type, so a mismatch is refused at load, never misread.
+#[derive(Debug, Clone, wasmtime::component::ComponentType, wasmtime::component::Lift)]
+#[component(record)]
+pub struct NodeNeeds {
+    #[component(name = "node-type-id")]
+    pub node_type_id: String,
+    pub hosts: Vec<String>,
+    pub config: Vec<String>,
+    pub secrets: Vec<String>,
+}
+
+/// A pack's `needs` function as a typed function.
+pub type NeedsFunc = TypedFunc<(), (Vec<NodeNeeds>,)>;
+
+/// The optional `needs` export of a pack.
+#[derive(Debug, Clone, Copy)]
+pub struct NeedsExport;
+
+impl NeedsExport {
+    /// The `needs` function of `instance`, type-checked; `None` if the
+    /// component exports no [`NEEDS_INTERFACE`] (it declares no needs).
+    pub fn find(
+        mut store: impl AsContextMut,
+        instance: &Instance,
+    ) -> wasmtime::Result<Option<NeedsFunc>> {
+        let Some(interface) = instance.get_export_index(&mut store, None, NEEDS_INTERFACE) else {
+            return Ok(None);
+        };
+        let index = instance
+            .get_export_index(&mut store, Some(&interface), "needs")
+            .ok_or_else(|| wasmtime::format_err!("{NEEDS_INTERFACE} exports no `needs`"))?;
+        let func = instance.get_typed_func::<(), (Vec<NodeNeeds>,)>(&mut store, index)?;
+        Ok(Some(func))
+    }
+}

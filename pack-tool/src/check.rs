@@ -3,7 +3,7 @@
 //! running executor would give in `/v1/health`.
 
 use std::fmt::{self, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 pub use jarvis_atomic_executor::packs::{PackContents, PackInspector, PackReport};
@@ -70,11 +70,10 @@ impl From<&PackContents> for PackSummary {
 /// limits the executor would have in this environment.
 pub fn check(component: &[u8]) -> Result<PackSummary, CheckError> {
     let bytes = component.to_vec();
-    let report =
-        with_inspector(
-            move |inspector| async move { inspector.inspect("<component>", bytes).await },
-        )
-        .map_err(|e| CheckError(format!("{e:#}")))?;
+    let report = with_inspector(None, move |inspector| async move {
+        inspector.inspect("<component>", bytes).await
+    })
+    .map_err(|e| CheckError(format!("{e:#}")))?;
     match (&report.pack, report.skip_reason) {
         (Some(pack), None) => Ok(pack.into()),
         (_, reason) => Err(CheckError(reason.unwrap_or_default())),
@@ -84,6 +83,17 @@ pub fn check(component: &[u8]) -> Result<PackSummary, CheckError> {
 /// Reports on every pack file `paths` names: a file as it is, a directory
 /// as the executor reads a packs directory (its top-level `*.wasm` files).
 pub fn inspect_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PackReport>> {
+    inspect_paths_with_grants(paths, None)
+}
+
+/// [`inspect_paths`] with the operator's grants file `grants` (instead of
+/// `JARVIS_GRANTS_FILE`'s, if given), so the reports say which nodes those
+/// grants would serve.
+pub fn inspect_paths_with_grants(
+    paths: &[PathBuf],
+    grants: Option<&Path>,
+) -> anyhow::Result<Vec<PackReport>> {
+    let grants = grants.map(Path::to_path_buf);
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
@@ -94,7 +104,7 @@ pub fn inspect_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PackReport>> {
             files.push(path.clone());
         }
     }
-    with_inspector(move |inspector| async move {
+    with_inspector(grants, move |inspector| async move {
         let mut reports = Vec::with_capacity(files.len());
         for file in &files {
             reports.push(inspector.inspect_file(file).await);
@@ -105,7 +115,7 @@ pub fn inspect_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PackReport>> {
 
 /// Runs `f` with an inspector on a thread and runtime of its own, so this
 /// works from plain code, from blocking tasks and from within a runtime alike.
-fn with_inspector<T, F, Fut>(f: F) -> anyhow::Result<T>
+fn with_inspector<T, F, Fut>(grants: Option<PathBuf>, f: F) -> anyhow::Result<T>
 where
     T: Send + 'static,
     F: FnOnce(PackInspector) -> Fut + Send + 'static,
@@ -117,7 +127,7 @@ where
             .build()
             .context("starting a runtime")?;
         runtime.block_on(async move {
-            let inspector = PackInspector::from_env()?;
+            let inspector = PackInspector::from_env_with_grants(grants.as_deref())?;
             Ok(f(inspector).await)
         })
     })
@@ -133,12 +143,20 @@ pub fn list_line(report: &PackReport) -> String {
         .as_deref()
         .map_or("-".into(), |h| format!("sha256:{}", &h[..12]));
     match (&report.pack, &report.skip_reason) {
-        (Some(pack), None) => format!(
+        (Some(pack), None) if pack.not_served.is_empty() => format!(
             "ok    {}  {} {}  {} node(s)  {size}  {hash}",
             report.path.display(),
             pack.pack_id,
             pack.pack_version,
             pack.nodes.len()
+        ),
+        (Some(pack), None) => format!(
+            "PART  {}  {} {}  {} of {} node(s) served  {size}  {hash}",
+            report.path.display(),
+            pack.pack_id,
+            pack.pack_version,
+            pack.nodes.len(),
+            pack.nodes.len() + pack.not_served.len()
         ),
         (_, reason) => format!(
             "SKIP  {}  {size}  {hash}  {}",
@@ -148,21 +166,67 @@ pub fn list_line(report: &PackReport) -> String {
     }
 }
 
-/// The verdict line of `check`.
+/// The verdict of `check`: one line, and one more per node not served.
 pub fn check_line(report: &PackReport) -> String {
     match (&report.pack, &report.skip_reason) {
-        (Some(pack), None) => format!(
+        (Some(pack), None) if pack.not_served.is_empty() => format!(
             "{}: ok: served as {} {} with {} node(s)",
             report.path.display(),
             pack.pack_id,
             pack.pack_version,
             pack.nodes.len()
         ),
+        (Some(pack), None) => {
+            let mut out = format!(
+                "{}: partly served as {} {}: {} of {} node(s)",
+                report.path.display(),
+                pack.pack_id,
+                pack.pack_version,
+                pack.nodes.len(),
+                pack.nodes.len() + pack.not_served.len()
+            );
+            for node in &pack.not_served {
+                let _ = write!(
+                    out,
+                    "\n  not served: {} {}: {}",
+                    node.node_type_id, node.version, node.reason
+                );
+            }
+            let _ = write!(out, "\n  {}", grants_note(report));
+            out
+        }
         (_, reason) => format!(
             "{}: skipped: {}",
             report.path.display(),
             reason.as_deref().unwrap_or_default()
         ),
+    }
+}
+
+/// Which grants a verdict assumes.
+fn grants_note(report: &PackReport) -> String {
+    match &report.grants_file {
+        Some(file) => format!("(with the grants of {})", file.display()),
+        None => {
+            "(no grants file: nothing is granted; check against the operator's with --grants FILE)"
+                .into()
+        }
+    }
+}
+
+/// What a node needs, as one line of text.
+fn needs_text(needs: &jarvis_atomic_executor::packs::needs::Needs) -> String {
+    let items: Vec<String> = needs
+        .hosts
+        .keys()
+        .map(|h| format!("host {h}"))
+        .chain(needs.config.iter().map(|k| format!("config {k}")))
+        .chain(needs.secrets.iter().map(|s| format!("secret {s}")))
+        .collect();
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
     }
 }
 
@@ -184,16 +248,34 @@ pub fn inspect_text(report: &PackReport) -> String {
         );
         return out;
     };
-    let _ = writeln!(
-        out,
-        "verdict  ok: the executor would serve its {} node(s)",
-        pack.nodes.len()
-    );
+    if pack.not_served.is_empty() {
+        let _ = writeln!(
+            out,
+            "verdict  ok: the executor would serve its {} node(s)",
+            pack.nodes.len()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "verdict  PART: the executor would serve {} of its {} node(s) {}",
+            pack.nodes.len(),
+            pack.nodes.len() + pack.not_served.len(),
+            grants_note(report)
+        );
+    }
     let _ = writeln!(out, "pack     {} {}", pack.pack_id, pack.pack_version);
     if pack.imports.is_empty() {
         let _ = writeln!(out, "imports  none");
     } else {
         let _ = writeln!(out, "imports  {}", pack.imports.join(", "));
+    }
+    for node in &pack.not_served {
+        let _ = writeln!(
+            out,
+            "node     {} {} NOT SERVED: {}",
+            node.node_type_id, node.version, node.reason
+        );
+        let _ = writeln!(out, "  {:<14} {}", "needs", needs_text(&node.needs));
     }
     for node in &pack.nodes {
         let _ = writeln!(out, "node     {} {}", node.node_type_id, node.version);
@@ -209,6 +291,12 @@ pub fn inspect_text(report: &PackReport) -> String {
             let value = extension(node, key).unwrap_or_else(|| "none".into());
             let _ = writeln!(out, "  {label:<14} {value}");
         }
+        let needs = pack
+            .needs
+            .iter()
+            .find(|n| n.node_type_id == node.node_type_id && n.version == node.version)
+            .map_or_else(|| "none".into(), |n| needs_text(&n.needs));
+        let _ = writeln!(out, "  {:<14} {needs}", "needs");
         let wall = node
             .constraints
             .as_ref()

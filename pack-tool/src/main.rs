@@ -50,6 +50,8 @@ enum Commands {
         /// reads them).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        grants: GrantsArg,
     },
     /// Everything about each pack file: nodes, versions, side effects, declared needs,
     /// schemas, imports, size, sha256 and the verdict.
@@ -60,14 +62,28 @@ enum Commands {
         /// JSON (one array of reports) instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        grants: GrantsArg,
     },
     /// The verdict for each pack file: served, or skipped and why (the reason the
-    /// executor gives in `/v1/health`). Exits 1 if any file would be skipped.
+    /// executor gives in `/v1/health`), and each node not served for want of grants.
+    /// Exits 1 if any file would be skipped or any node not served.
     Check {
         /// Pack files, or packs directories.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        grants: GrantsArg,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct GrantsArg {
+    /// The executor's grants file: judge the packs with what it grants [default: the file
+    /// `JARVIS_GRANTS_FILE` names; without one nothing is granted, and every node declaring a
+    /// need is reported with what would have to be granted].
+    #[arg(long, value_name = "FILE")]
+    grants: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,15 +135,19 @@ fn main() -> anyhow::Result<ExitCode> {
             let options = output.options(&dir)?;
             report(&jarvis_pack::build_all(&dir, &options)?);
         }
-        Commands::List { paths } => {
-            let reports = jarvis_pack::inspect_paths(&paths)?;
+        Commands::List { paths, grants } => {
+            let reports = jarvis_pack::inspect_paths_with_grants(&paths, grants.grants.as_deref())?;
             for report in &reports {
                 println!("{}", jarvis_pack::list_line(report));
             }
             return Ok(verdict(&reports));
         }
-        Commands::Inspect { paths, json } => {
-            let reports = jarvis_pack::inspect_paths(&paths)?;
+        Commands::Inspect {
+            paths,
+            json,
+            grants,
+        } => {
+            let reports = jarvis_pack::inspect_paths_with_grants(&paths, grants.grants.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             } else {
@@ -136,8 +156,8 @@ fn main() -> anyhow::Result<ExitCode> {
             }
             return Ok(verdict(&reports));
         }
-        Commands::Check { paths } => {
-            let reports = jarvis_pack::inspect_paths(&paths)?;
+        Commands::Check { paths, grants } => {
+            let reports = jarvis_pack::inspect_paths_with_grants(&paths, grants.grants.as_deref())?;
             for report in &reports {
                 println!("{}", jarvis_pack::check_line(report));
             }
@@ -147,13 +167,14 @@ fn main() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Failure when any file would be skipped, or when there was none to judge.
+/// Failure when any file would be skipped or any node not served, or when
+/// there was none to judge.
 fn verdict(reports: &[jarvis_pack::PackReport]) -> ExitCode {
     if reports.is_empty() {
         eprintln!("no pack files found");
         return ExitCode::FAILURE;
     }
-    if reports.iter().all(jarvis_pack::PackReport::ok) {
+    if reports.iter().all(jarvis_pack::PackReport::all_served) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use jarvis_atomic_executor::config::Config;
-use jarvis_atomic_executor::watpack::{WatNode, WatPack};
+use jarvis_atomic_executor::watpack::{WatNeeds, WatNode, WatPack};
 use jarvis_atomic_executor::{RunningServer, wasmtime_wat};
 use serde_json::Value;
 
@@ -50,6 +50,7 @@ fn jarvis_pack(args: &[&str], dir: &Path) -> Output {
         // The executor's limits come from the environment: test its defaults.
         .env_remove("JARVIS_MAX_NODES_PER_PACK")
         .env_remove("JARVIS_MAX_PACK_FILE_MIB")
+        .env_remove("JARVIS_GRANTS_FILE")
         .output()
         .unwrap()
 }
@@ -165,5 +166,232 @@ async fn the_verdicts_are_the_skip_reasons_of_a_running_executor() {
     assert!(
         executor_reason("many-nodes.wasm").contains("1001 nodes, more than the limit of 1000"),
         "{health}"
+    );
+}
+
+/// `test.needy`: `test.needy.fetch` needs a host and a secret, `test.needy.plain`
+/// nothing, and both the config key `region` (declared for `*`).
+fn needy() -> Vec<u8> {
+    let mut pack = WatPack::new("test.needy", "1.0.0")
+        .with_byte_pages()
+        .with_needs(vec![
+            WatNeeds::new("*").config("region"),
+            WatNeeds::new("test.needy.fetch")
+                .host("https://api.example.com")
+                .secret("token"),
+        ]);
+    let (ptr, len) = pack.data(b"{}");
+    let pack = pack
+        .node(WatNode::new("test.needy.fetch", "1.0.0"))
+        .node(WatNode::new("test.needy.plain", "1.0.0"));
+    wasmtime_wat(&pack.to_wat(&format!("(call $ok (i32.const {ptr}) (i32.const {len}))"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_each_node_its_grants_would_not_serve_with_the_executors_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let packs = dir.path().join("packs");
+    std::fs::create_dir(&packs).unwrap();
+    std::fs::write(packs.join("needy.wasm"), needy()).unwrap();
+    // Grants `region` to the pack and a wider host to `fetch`, but not its secret.
+    let grants = dir.path().join("grants.toml");
+    std::fs::write(
+        &grants,
+        r#"
+        [packs."test.needy"]
+        config = { region = "eu" }
+        [packs."test.needy".nodes."test.needy.fetch"]
+        allow = ["https://*.example.com"]
+        "#,
+    )
+    .unwrap();
+
+    // Without grants: nothing is granted, and check says what would have to be.
+    let path = packs.clone();
+    let bare = tokio::task::spawn_blocking(move || jarvis_pack(&["check"], &path))
+        .await
+        .unwrap();
+    assert_eq!(bare.status.code(), Some(1), "{bare:?}");
+    let out = stdout(&bare);
+    assert!(
+        out.contains("needy.wasm: partly served as test.needy 1.0.0: 0 of 2 node(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            r#"not served: test.needy.fetch 1.0.0: needs what it is not granted: host "https://api.example.com", config key "region", secret "token""#
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"not served: test.needy.plain 1.0.0: needs what it is not granted: config key "region""#),
+        "{out}"
+    );
+    assert!(out.contains("no grants file"), "{out}");
+
+    // With the operator's grants: only the secret is missing, as the executor says.
+    let (path, file) = (packs.clone(), grants.clone());
+    let granted = tokio::task::spawn_blocking(move || {
+        let file = file.to_str().unwrap().to_owned();
+        jarvis_pack(&["check", "--grants", &file], &path)
+    })
+    .await
+    .unwrap();
+    assert_eq!(granted.status.code(), Some(1), "{granted:?}");
+    let out = stdout(&granted);
+    assert!(
+        out.contains("needy.wasm: partly served as test.needy 1.0.0: 1 of 2 node(s)"),
+        "{out}"
+    );
+
+    let mut config = Config::for_tests();
+    config.packs_dir = Some(packs.clone());
+    config.grants =
+        std::sync::Arc::new(jarvis_atomic_executor::grants::Grants::load(&grants).unwrap());
+    let server = RunningServer::spawn(&config).await.unwrap();
+    let registry = server.service.executor.registry().clone();
+    registry
+        .wait_loaded(tokio::time::Instant::now() + Duration::from_secs(60))
+        .await;
+    let health: Value = reqwest::get(format!("{}/v1/health", server.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let check = health["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "node:test.needy.fetch@1.0.0")
+        .unwrap_or_else(|| panic!("no check for the node: {health}"));
+    let reason = check["details"]["reason"].as_str().unwrap();
+    assert_eq!(reason, r#"needs what it is not granted: secret "token""#);
+    assert!(
+        out.contains(&format!("not served: test.needy.fetch 1.0.0: {reason}")),
+        "{out}"
+    );
+    assert!(out.contains("with the grants of"), "{out}");
+
+    // inspect names the node not served and shows every node's needs.
+    let (path, file) = (packs.clone(), grants.clone());
+    let text = tokio::task::spawn_blocking(move || {
+        let file = file.to_str().unwrap().to_owned();
+        jarvis_pack(&["inspect", "--grants", &file], &path)
+    })
+    .await
+    .unwrap();
+    assert_eq!(text.status.code(), Some(1), "{text:?}");
+    let text = stdout(&text);
+    assert!(
+        text.contains("verdict  PART: the executor would serve 1 of its 2 node(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "node     test.needy.fetch 1.0.0 NOT SERVED: {reason}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("needs          host https://api.example.com, config region, secret token"),
+        "{text}"
+    );
+    assert!(text.contains("needs          config region"), "{text}");
+
+    // inspect --json lists what each node declares, served or not.
+    let (path, file) = (packs.clone(), grants.clone());
+    let inspect = tokio::task::spawn_blocking(move || {
+        let file = file.to_str().unwrap().to_owned();
+        jarvis_pack(&["inspect", "--json", "--grants", &file], &path)
+    })
+    .await
+    .unwrap();
+    let reports: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let pack = &reports[0]["pack"];
+    assert_eq!(
+        pack["nodes"][0]["node_type_id"], "test.needy.plain",
+        "{pack}"
+    );
+    assert_eq!(
+        pack["not_served"][0]["missing"][0], r#"secret "token""#,
+        "{pack}"
+    );
+    let fetch = pack["needs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_type_id"] == "test.needy.fetch")
+        .unwrap();
+    assert_eq!(fetch["hosts"][0], "https://api.example.com", "{pack}");
+    assert_eq!(fetch["config"][0], "region", "{pack}");
+    assert_eq!(fetch["secrets"][0], "token", "{pack}");
+}
+
+/// A component of `world` built from the WIT directory `wit` by
+/// wit-component, every function a trap: its exports have exactly the types
+/// the WIT gives them.
+fn component_from_wit(wit: &Path, world: &str) -> Vec<u8> {
+    let mut resolve = wit_parser::Resolve::default();
+    let (package, _) = resolve.push_dir(wit).unwrap();
+    let world = resolve.select_world(&[package], Some(world)).unwrap();
+    let mut module = wit_component::dummy_module(
+        &resolve,
+        world,
+        wit_parser::ManglingAndAbi::Legacy(wit_parser::LiftLowerAbi::Sync),
+    );
+    wit_component::embed_component_metadata(
+        &mut module,
+        &resolve,
+        world,
+        wit_component::StringEncoding::UTF8,
+        false,
+    )
+    .unwrap();
+    jarvis_pack::componentize(&module).unwrap()
+}
+
+/// Copies the WIT directory (with any `deps/`) to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_host_reads_needs_exactly_as_the_wit_declares_it() {
+    let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+    // Both exports pass their type checks; the trap is `describe`'s.
+    let reason = jarvis_pack::check(&component_from_wit(&wit, "node-pack-with-needs"))
+        .unwrap_err()
+        .0;
+    assert!(reason.starts_with("describe failed"), "{reason}");
+
+    // The same world with a field of `node-needs` renamed is refused before
+    // anything is called.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&wit, dir.path());
+    let file = dir.path().join("node-pack.wit");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let swapped = text.replacen(
+        "        config: list<string>,\n",
+        "        secrets-first: list<string>,\n",
+        1,
+    );
+    assert_ne!(swapped, text, "the WIT's node-needs record moved");
+    std::fs::write(&file, swapped).unwrap();
+    let reason = jarvis_pack::check(&component_from_wit(dir.path(), "node-pack-with-needs"))
+        .unwrap_err()
+        .0;
+    assert!(
+        reason.starts_with("needs: the jarvis:node/needs@0.1.0 export does not match the WIT"),
+        "{reason}"
     );
 }

@@ -127,6 +127,13 @@ impl NodeGrants {
     }
 }
 
+impl NodeGrants {
+    /// Whether some granted destination covers `need` (see [`Destination::covers`]).
+    pub fn covers(&self, need: &Destination) -> bool {
+        self.allow.iter().any(|granted| granted.covers(need))
+    }
+}
+
 /// How far a matching grant reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reach {
@@ -246,13 +253,48 @@ impl Destination {
         }
         match &self.host {
             HostPattern::Exact(h) => (h == host).then_some(Reach::Explicit),
-            HostPattern::Below(suffix) => host
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
-                .then_some(Reach::Public),
+            HostPattern::Below(suffix) => is_below(host, suffix).then_some(Reach::Public),
             HostPattern::Any => Some(Reach::Public),
         }
     }
+
+    /// Whether this grant allows every destination `need` names, as far as
+    /// the need would reach: a declared address (not a name) is covered only
+    /// by a grant naming that address, since a wildcard grant does not reach
+    /// private addresses.
+    pub fn covers(&self, need: &Destination) -> bool {
+        if self.scheme != need.scheme {
+            return false;
+        }
+        match (self.port, need.port) {
+            (None, _) => {}
+            (Some(granted), Some(needed)) if granted == needed => {}
+            _ => return false,
+        }
+        match (&self.host, &need.host) {
+            (HostPattern::Exact(granted), HostPattern::Exact(needed)) => granted == needed,
+            (HostPattern::Exact(_), _) => false,
+            (_, HostPattern::Exact(needed)) if is_address(needed) => false,
+            (HostPattern::Below(suffix), HostPattern::Exact(needed)) => is_below(needed, suffix),
+            (HostPattern::Below(suffix), HostPattern::Below(needed)) => {
+                needed == suffix || is_below(needed, suffix)
+            }
+            (HostPattern::Below(_), HostPattern::Any) => false,
+            (HostPattern::Any, _) => true,
+        }
+    }
+}
+
+/// Whether the name `host` lies below `suffix` (`a.example.com` below
+/// `example.com`; not `example.com` itself, nor `badexample.com`).
+fn is_below(host: &str, suffix: &str) -> bool {
+    host.strip_suffix(suffix)
+        .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+}
+
+/// Whether a normalized host is an address rather than a name.
+fn is_address(host: &str) -> bool {
+    host.starts_with('[') || host.parse::<IpAddr>().is_ok()
 }
 
 /// Splits `host[:port]`, with IPv6 addresses in brackets.
@@ -565,6 +607,51 @@ mod tests {
         );
         // A name is not its address: `localhost` is not granted by 127.0.0.1.
         assert_eq!(g.destination(Scheme::Http, "localhost", 8080), None);
+    }
+
+    #[test]
+    fn a_declared_destination_is_covered_by_a_grant_as_wide_or_wider() {
+        let covered = |granted: &str, needed: &str| {
+            Destination::parse(granted)
+                .unwrap()
+                .covers(&Destination::parse(needed).unwrap())
+        };
+        // The same pattern, however it is spelled.
+        assert!(covered(
+            "https://api.example.com",
+            "https://API.example.com:443"
+        ));
+        // A suffix or any host, same scheme and port, or any port.
+        assert!(covered("https://*.example.com", "https://api.example.com"));
+        assert!(covered("https://*.example.com", "https://*.eu.example.com"));
+        assert!(covered("https://*.example.com", "https://*.example.com"));
+        assert!(covered("https://*", "https://api.example.com"));
+        assert!(covered("https://*:*", "https://*:8443"));
+        assert!(covered(
+            "https://api.example.com:*",
+            "https://api.example.com:8443"
+        ));
+        // Anything narrower does not cover.
+        assert!(!covered("https://*.example.com", "https://example.com"));
+        assert!(!covered("https://*.example.com", "https://*"));
+        assert!(!covered("https://api.example.com", "https://*.example.com"));
+        assert!(!covered(
+            "https://api.example.com",
+            "http://api.example.com"
+        ));
+        assert!(!covered(
+            "https://api.example.com",
+            "https://api.example.com:8443"
+        ));
+        assert!(!covered(
+            "https://api.example.com",
+            "https://api.example.com:*"
+        ));
+        assert!(!covered("https://*", "https://*:*"));
+        // An address is covered only by a grant naming it.
+        assert!(covered("http://127.0.0.1:8080", "http://0x7f.1:8080"));
+        assert!(!covered("http://*:*", "http://127.0.0.1:8080"));
+        assert!(!covered("http://*:*", "http://[::1]:8080"));
     }
 
     #[test]

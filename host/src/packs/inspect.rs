@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use arp_types::NodeType;
 use serde::Serialize;
 
+use super::needs::{Needs, NotServed};
 use super::registry::{Loaded, PackRegistry};
 use super::watch::{self, PackFile};
 use crate::config::{Args, Config};
@@ -31,12 +32,22 @@ pub struct PackReport {
     /// Why the executor would skip the file: the reason `/v1/health` would
     /// give. `None` when the pack would load.
     pub skip_reason: Option<String>,
+    /// The grants file the verdict assumes, when the inspector was given or
+    /// found one (`--grants`, `JARVIS_GRANTS_FILE`); without one nothing is
+    /// granted.
+    pub grants_file: Option<PathBuf>,
 }
 
 impl PackReport {
     /// Whether the executor would load the file.
     pub fn ok(&self) -> bool {
         self.skip_reason.is_none()
+    }
+
+    /// Whether the executor would load the file and serve every node it
+    /// describes.
+    pub fn all_served(&self) -> bool {
+        self.ok() && self.pack.as_ref().is_none_or(|p| p.not_served.is_empty())
     }
 }
 
@@ -51,6 +62,21 @@ pub struct PackContents {
     /// effect, trust tier, egress policy and time limit in `extensions` and
     /// `constraints`.
     pub nodes: Vec<NodeType>,
+    /// What each node declares it needs granted (nodes needing nothing are
+    /// left out), served or not.
+    pub needs: Vec<NodeNeedsReport>,
+    /// The nodes the executor would not serve with these grants, each with
+    /// the reason `/v1/health` would give.
+    pub not_served: Vec<NotServed>,
+}
+
+/// What one node declares it needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeNeedsReport {
+    pub node_type_id: String,
+    pub version: String,
+    #[serde(flatten)]
+    pub needs: Needs,
 }
 
 /// Checks pack files with the executor's own loading code and limits.
@@ -58,23 +84,38 @@ pub struct PackContents {
 pub struct PackInspector {
     registry: PackRegistry,
     max_file_bytes: u64,
+    grants_file: Option<PathBuf>,
     _ticker: EpochTicker,
 }
 
 impl PackInspector {
     /// An inspector with the limits the executor would have in this
     /// environment (the `JARVIS_*` variables it reads, or their defaults),
-    /// compiling without a cache.
+    /// compiling without a cache; the grants of `JARVIS_GRANTS_FILE`, if set.
     pub fn from_env() -> anyhow::Result<Self> {
-        let auth = jarvis_auth::AuthSettings::from_vars([("ARP_AUTH_PROFILE", "dev-insecure")])
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let args = <Args as clap::Parser>::try_parse_from(["jarvis-pack", "--no-compile-cache"])?;
-        let config = args.validate_with(auth).map_err(|e| anyhow::anyhow!(e))?;
-        Self::new(&config)
+        Self::from_env_with_grants(None)
     }
 
-    /// An inspector with `config`'s pack limits, file size bound and
-    /// compile cache.
+    /// [`PackInspector::from_env`] with the grants file `grants` instead of
+    /// `JARVIS_GRANTS_FILE`'s, if given.
+    pub fn from_env_with_grants(grants: Option<&Path>) -> anyhow::Result<Self> {
+        let auth = jarvis_auth::AuthSettings::from_vars([("ARP_AUTH_PROFILE", "dev-insecure")])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut argv = vec!["jarvis-pack".into(), "--no-compile-cache".into()];
+        if let Some(path) = grants {
+            argv.push("--grants".into());
+            argv.push(path.as_os_str().to_owned());
+        }
+        let args = <Args as clap::Parser>::try_parse_from::<_, std::ffi::OsString>(argv)?;
+        let grants_file = args.grants.clone();
+        let config = args.validate_with(auth).map_err(|e| anyhow::anyhow!(e))?;
+        let mut inspector = Self::new(&config)?;
+        inspector.grants_file = grants_file;
+        Ok(inspector)
+    }
+
+    /// An inspector with `config`'s pack limits, grants, file size bound
+    /// and compile cache.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         let mut limits = config.runtime.clone();
         // One `describe` at a time: no need to reserve the executor's pool.
@@ -93,6 +134,7 @@ impl PackInspector {
         Ok(Self {
             registry,
             max_file_bytes: config.watch.max_file_bytes,
+            grants_file: None,
             _ticker: ticker,
         })
     }
@@ -106,6 +148,7 @@ impl PackInspector {
             sha256: None,
             pack: None,
             skip_reason: None,
+            grants_file: self.grants_file.clone(),
         };
         let bytes = match watch::read_pack(path, self.max_file_bytes).await {
             PackFile::Bytes(bytes) => bytes,
@@ -134,6 +177,7 @@ impl PackInspector {
             sha256: None,
             pack: None,
             skip_reason: None,
+            grants_file: self.grants_file.clone(),
         };
         self.inspect_bytes(report, name, bytes).await
     }
@@ -166,6 +210,22 @@ impl PackInspector {
             pack_version: loaded.pack.pack_version.clone(),
             imports,
             nodes: loaded.nodes.iter().map(|n| n.node_type()).collect(),
+            needs: loaded
+                .nodes
+                .iter()
+                .map(|n| NodeNeedsReport {
+                    node_type_id: n.node_type_id.to_string(),
+                    version: n.version.clone(),
+                    needs: n.needs.clone(),
+                })
+                .chain(loaded.not_served.iter().map(|n| NodeNeedsReport {
+                    node_type_id: n.node_type_id.clone(),
+                    version: n.version.clone(),
+                    needs: n.needs.clone(),
+                }))
+                .filter(|n| !n.needs.is_empty())
+                .collect(),
+            not_served: loaded.not_served.clone(),
         }
     }
 }

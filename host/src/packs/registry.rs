@@ -22,13 +22,17 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use super::index::{IndexEntry, IndexedPack, NodeIndex};
+use super::needs::{self, DeclaredNeeds, Needs, NotServed};
 use super::spec::{self, PackLimits};
 use crate::grants::file::to_hex;
 use crate::grants::log::Sanitized;
 use crate::grants::{Grants, NodeGrants};
 use crate::metrics::{Metrics, NodeLabels};
 use crate::runtime::{Runtime, RuntimeLimits, Sandbox, StoreState};
-use crate::world::{InvokeExport, NodePackPre, NodeSpec, PackInfo, SideEffect};
+use crate::world::{
+    InvokeExport, NEEDS_INTERFACE, NeedsExport, NodeNeeds, NodePackPre, NodeSpec, PackInfo,
+    SideEffect,
+};
 
 /// Longest a pack's `describe` may run at load time.
 const DESCRIBE_TIME_LIMIT: Duration = Duration::from_secs(10);
@@ -51,6 +55,8 @@ pub enum PackLoadError {
     InvalidPack(String),
     #[error("node {node}: {reason}")]
     InvalidNode { node: String, reason: String },
+    #[error("needs: {0}")]
+    InvalidNeeds(String),
     #[error("pack {pack_id}: the file's sha256 is {actual}, the grants file pins {pinned}")]
     PinMismatch {
         pack_id: String,
@@ -93,6 +99,9 @@ pub struct NodeEntry {
     /// What the operator grants this node (nothing unless the grants file
     /// names its pack).
     pub grants: Arc<NodeGrants>,
+    /// What the node declares it needs (all of it granted, or it would not
+    /// be served).
+    pub needs: Needs,
     /// How `GET /v1/node-types` presents the node, serialised once at load.
     catalogue_json: Box<str>,
     /// The node's labels in the executor's metrics, built once at load.
@@ -110,7 +119,10 @@ impl NodeEntry {
 #[derive(Debug)]
 pub struct Loaded {
     pub pack: Arc<LoadedPack>,
+    /// The nodes served.
     pub nodes: Vec<Arc<NodeEntry>>,
+    /// The nodes the pack describes whose needs are not all granted.
+    pub not_served: Vec<NotServed>,
     /// SHA-256 of the bytes the pack was compiled from, so an unchanged file
     /// is not loaded again.
     pub hash: [u8; 32],
@@ -247,8 +259,13 @@ impl PackRegistry {
         let component = tokio::task::spawn_blocking(move || compile(&engine, &bytes))
             .await
             .map_err(|e| PackLoadError::NotAComponent(format!("compiler task failed: {e}")))??;
-        let (pack, nodes) = self.register_component(source, &component, &hash).await?;
-        Ok(Loaded { pack, nodes, hash })
+        let (pack, nodes, not_served) = self.register_component(source, &component, &hash).await?;
+        Ok(Loaded {
+            pack,
+            nodes,
+            not_served,
+            hash,
+        })
     }
 
     /// The content hash under which a pack's bytes are recognised.
@@ -261,6 +278,9 @@ impl PackRegistry {
     /// declares as `id@version`.
     pub fn install(&self, loaded: Loaded) -> Vec<String> {
         let source = loaded.pack.source.clone();
+        for node in &loaded.not_served {
+            tracing::warn!(file = %Sanitized(&source), node = %node.node_type_id, version = %node.version, reason = %Sanitized(&node.reason), "pack node not served");
+        }
         let names = loaded
             .nodes
             .iter()
@@ -358,6 +378,23 @@ impl PackRegistry {
             .collect()
     }
 
+    /// Nodes described by the packs loaded (shadowed ones included) but not
+    /// served, each with its file, sorted by file: at most `max`, and how
+    /// many there are in all.
+    pub fn not_served(&self, max: usize) -> (Vec<(String, NotServed)>, usize) {
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let all = sources
+            .packs
+            .iter()
+            .flat_map(|(file, loaded)| loaded.not_served.iter().map(move |n| (file, n)));
+        let total = all.clone().count();
+        let some = all
+            .take(max)
+            .map(|(file, node)| (file.clone(), node.clone()))
+            .collect();
+        (some, total)
+    }
+
     /// How many files' latest version failed to load.
     pub fn failed_count(&self) -> usize {
         let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
@@ -420,14 +457,14 @@ impl PackRegistry {
         source: &str,
         component: &Component,
         hash: &[u8; 32],
-    ) -> Result<(Arc<LoadedPack>, Vec<Arc<NodeEntry>>), PackLoadError> {
+    ) -> Result<(Arc<LoadedPack>, Vec<Arc<NodeEntry>>, Vec<NotServed>), PackLoadError> {
         let pre = self
             .runtime
             .linker()
             .instantiate_pre(component)
             .map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
         let pre = NodePackPre::new(pre).map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
-        let (info, invoke) = self.describe(&pre).await?;
+        let (info, invoke, declared) = self.describe(&pre).await?;
         spec::check_pack(&info, &self.pack_limits).map_err(PackLoadError::InvalidPack)?;
         if let Some(pinned) = self.grants.pin(&info.pack_id)
             && pinned != *hash
@@ -438,6 +475,12 @@ impl PackRegistry {
                 pinned: to_hex(&pinned),
             });
         }
+        let declared = match declared {
+            Some(entries) => {
+                spec::check_needs(&info, entries).map_err(PackLoadError::InvalidNeeds)?
+            }
+            None => DeclaredNeeds::default(),
+        };
         let pack = Arc::new(LoadedPack {
             source: source.to_owned(),
             pack_id: info.pack_id.clone(),
@@ -450,24 +493,39 @@ impl PackRegistry {
         let limits = self.pack_limits.clone();
         let loaded = pack.clone();
         let all_grants = self.grants.clone();
-        let entries = tokio::task::spawn_blocking(move || {
-            info.nodes
-                .into_iter()
-                .map(|spec| {
-                    let grants = all_grants.for_node(&loaded.pack_id, &spec.node_type_id);
-                    node_entry(&loaded, spec, &limits, grants).map(Arc::new)
-                })
-                .collect::<Result<Vec<_>, _>>()
+        let (entries, not_served) = tokio::task::spawn_blocking(move || {
+            let mut entries = Vec::with_capacity(info.nodes.len());
+            let mut not_served = Vec::new();
+            for spec in info.nodes {
+                let grants = all_grants.for_node(&loaded.pack_id, &spec.node_type_id);
+                let needs = declared.for_node(&spec.node_type_id);
+                let missing = needs.missing(&grants);
+                // Checked whether served or not: a pack is valid or not
+                // whatever the operator grants.
+                let entry = node_entry(&loaded, spec, &limits, grants, needs)?;
+                if missing.is_empty() {
+                    entries.push(Arc::new(entry));
+                } else {
+                    not_served.push(NotServed {
+                        node_type_id: entry.node_type_id.to_string(),
+                        version: entry.version,
+                        reason: needs::refusal(&missing),
+                        needs: entry.needs,
+                        missing,
+                    });
+                }
+            }
+            Ok::<_, PackLoadError>((entries, not_served))
         })
         .await
         .map_err(|e| PackLoadError::Describe(format!("checking the nodes failed: {e}")))??;
-        Ok((pack, entries))
+        Ok((pack, entries, not_served))
     }
 
     async fn describe(
         &self,
         pre: &NodePackPre<StoreState>,
-    ) -> Result<(PackInfo, InvokeExport), PackLoadError> {
+    ) -> Result<(PackInfo, InvokeExport, Option<Vec<NodeNeeds>>), PackLoadError> {
         // `describe` must not depend on anything granted: it gets nothing.
         let mut store = self.runtime.sandbox(Sandbox {
             node_run_id: Arc::from("<describe>"),
@@ -484,10 +542,24 @@ impl PackRegistry {
                 .map_err(|e| PackLoadError::Describe(format!("{e:#}")))?;
             let invoke = InvokeExport::check(&mut store, &instance)
                 .map_err(|e| PackLoadError::WrongWorld(format!("{e:#}")))?;
+            // Both exports are type-checked before either is called.
+            let needs = NeedsExport::find(&mut store, &instance).map_err(|e| {
+                PackLoadError::InvalidNeeds(format!(
+                    "the {NEEDS_INTERFACE} export does not match the WIT: {e:#}"
+                ))
+            })?;
             let info = crate::packs::load::describe(&mut store, &instance, &self.pack_limits)
                 .await
                 .map_err(PackLoadError::Describe)?;
-            Ok::<_, PackLoadError>((info, invoke))
+            let needs = match needs {
+                Some(func) => Some(
+                    crate::packs::load::needs(&mut store, func, &self.pack_limits)
+                        .await
+                        .map_err(PackLoadError::InvalidNeeds)?,
+                ),
+                None => None,
+            };
+            Ok::<_, PackLoadError>((info, invoke, needs))
         };
         match tokio::time::timeout(DESCRIBE_TIME_LIMIT, call).await {
             Ok(described) => described,
@@ -541,6 +613,7 @@ fn node_entry(
     spec: NodeSpec,
     limits: &PackLimits,
     grants: NodeGrants,
+    needs: Needs,
 ) -> Result<NodeEntry, PackLoadError> {
     let spec::CheckedNode { input, output } =
         spec::check_node(&spec, limits).map_err(|reason| PackLoadError::InvalidNode {
@@ -599,6 +672,7 @@ fn node_entry(
         input_schema: input.validator,
         output_schema: output.validator,
         grants: Arc::new(grants),
+        needs,
         catalogue_json,
     })
 }

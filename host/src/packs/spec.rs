@@ -12,7 +12,9 @@ use std::collections::{HashMap, HashSet};
 use arp_types::JsonObject;
 use serde_json::Value;
 
-use crate::world::{NodeSpec, PackInfo};
+use super::needs::{DeclaredNeeds, Needs};
+use crate::grants::file::Destination;
+use crate::world::{NodeNeeds, NodeSpec, PackInfo};
 
 /// Longest node-type id or pack id, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -27,6 +29,11 @@ pub const MAX_TAG_BYTES: usize = 64;
 pub const MAX_TRUST_TIER_BYTES: usize = 64;
 /// Longest egress policy, in bytes.
 pub const MAX_EGRESS_POLICY_BYTES: usize = 4096;
+/// Host patterns, config keys and secret names one entry of a pack's
+/// `needs` answer may list, each.
+pub const MAX_NEEDS_PER_LIST: usize = 64;
+/// Longest host pattern, config key or secret name a pack may declare, in bytes.
+pub const MAX_NEED_BYTES: usize = 256;
 /// `pattern`s and `patternProperties` keys one schema may hold: each compiles
 /// to a regex of up to [`REGEX_SIZE_LIMIT`] bytes.
 pub const MAX_PATTERNS_PER_SCHEMA: usize = 64;
@@ -84,6 +91,74 @@ pub fn check_pack(info: &PackInfo, limits: &PackLimits) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Checks a pack's `needs` answer against what it describes: one entry per
+/// node at most (plus `*`, every node), each naming a node of `info`, each
+/// list of at most [`MAX_NEEDS_PER_LIST`] non-empty texts of at most
+/// [`MAX_NEED_BYTES`] without control characters, each host a destination
+/// pattern of the grants file's grammar.
+pub fn check_needs(info: &PackInfo, entries: Vec<NodeNeeds>) -> Result<DeclaredNeeds, String> {
+    let known: HashSet<&str> = info.nodes.iter().map(|n| n.node_type_id.as_str()).collect();
+    if entries.len() > known.len() + 1 {
+        return Err(format!(
+            "{} entries, more than one per node and one for `*` ({})",
+            entries.len(),
+            known.len() + 1
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut declared = DeclaredNeeds::default();
+    for entry in entries {
+        let id = entry.node_type_id.as_str();
+        if id != "*" && !known.contains(id) {
+            return Err(format!(
+                "{} is not a node the pack describes (nor `*`)",
+                quote(id)
+            ));
+        }
+        if !seen.insert(id.to_owned()) {
+            return Err(format!("{} has two entries", quote(id)));
+        }
+        let needs = check_node_needs(&entry).map_err(|e| format!("{}: {e}", quote(id)))?;
+        declared.insert(entry.node_type_id, needs);
+    }
+    Ok(declared)
+}
+
+fn check_node_needs(entry: &NodeNeeds) -> Result<Needs, String> {
+    for (what, list) in [
+        ("hosts", &entry.hosts),
+        ("config", &entry.config),
+        ("secrets", &entry.secrets),
+    ] {
+        if list.len() > MAX_NEEDS_PER_LIST {
+            return Err(format!(
+                "{what}: {} entries, more than the limit of {MAX_NEEDS_PER_LIST}",
+                list.len()
+            ));
+        }
+        for item in list {
+            if item.is_empty() {
+                return Err(format!("{what}: an empty entry"));
+            }
+            check_len(what, item, MAX_NEED_BYTES)?;
+            if item.chars().any(char::is_control) {
+                return Err(format!("{what}: {} has a control character", quote(item)));
+            }
+        }
+    }
+    let hosts = entry
+        .hosts
+        .iter()
+        .map(|pattern| Ok((pattern.clone(), Destination::parse(pattern)?)))
+        .collect::<Result<_, String>>()
+        .map_err(|e| format!("hosts: {e}"))?;
+    Ok(Needs {
+        hosts,
+        config: entry.config.iter().cloned().collect(),
+        secrets: entry.secrets.iter().cloned().collect(),
+    })
 }
 
 /// A node's schemas, checked and compiled.
@@ -474,6 +549,68 @@ mod tests {
         )
         .unwrap();
         assert!(schema.validator.is_valid(&json!("not an email")));
+    }
+
+    fn info(nodes: &[&str]) -> PackInfo {
+        PackInfo {
+            pack_id: "p".into(),
+            pack_version: "1.0.0".into(),
+            nodes: nodes
+                .iter()
+                .map(|id| NodeSpec {
+                    node_type_id: (*id).into(),
+                    version: "1.0.0".into(),
+                    description: String::new(),
+                    input_schema: "{}".into(),
+                    output_schema: "{}".into(),
+                    side_effect: crate::world::SideEffect::Read,
+                    trust_tier: String::new(),
+                    egress_policy: None,
+                    tags: Vec::new(),
+                    max_wall_time_ms: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn entry(id: &str, hosts: &[&str], config: &[&str]) -> NodeNeeds {
+        NodeNeeds {
+            node_type_id: id.into(),
+            hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            config: config.iter().map(|s| s.to_string()).collect(),
+            secrets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn needs_name_described_nodes_once_with_bounded_parsed_entries() {
+        let info = info(&["p.a", "p.b"]);
+        let ok = check_needs(
+            &info,
+            vec![
+                entry("*", &[], &["region"]),
+                entry("p.a", &["https://*.example.com"], &[]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ok.for_node("p.a").hosts.len(), 1);
+        assert_eq!(ok.for_node("p.b").config.len(), 1);
+
+        let refusal = |entries| check_needs(&info, entries).unwrap_err();
+        assert!(refusal(vec![entry("p.c", &[], &[])]).contains("not a node the pack describes"));
+        assert!(
+            refusal(vec![entry("p.a", &[], &[]), entry("p.a", &[], &[])]).contains("two entries")
+        );
+        assert!(refusal(vec![entry("p.a", &["ftp://x"], &[])]).contains("http or https"));
+        assert!(refusal(vec![entry("p.a", &[], &[""])]).contains("empty entry"));
+        assert!(refusal(vec![entry("p.a", &[], &["a\nb"])]).contains("control character"));
+        let long = "k".repeat(MAX_NEED_BYTES + 1);
+        assert!(refusal(vec![entry("p.a", &[], &[&long])]).contains("more than 256"));
+        let many: Vec<String> = (0..=MAX_NEEDS_PER_LIST).map(|i| format!("k{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(refusal(vec![entry("p.a", &[], &many)]).contains("more than the limit of 64"));
+        let entries = (0..4).map(|_| entry("*", &[], &[])).collect();
+        assert!(refusal(entries).contains("more than one per node"));
     }
 
     #[test]

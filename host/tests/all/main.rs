@@ -7,6 +7,7 @@ mod gates;
 mod grants;
 mod limits;
 mod metrics;
+mod needs;
 mod packs;
 mod reload;
 mod retries;
