@@ -937,9 +937,14 @@ fn obj<const N: usize>(entries: [(&str, Value); N]) -> JsonObject {
         .collect()
 }
 
-/// `<prefix>_<32 hex>`, random.
+/// `<prefix>_<32 hex>`: 12 hex digits of the current time in ms, then 80 random bits
+/// (the layout of a UUIDv7). Ids made later sort later, so the rows and index entries
+/// of new runs land on the last pages of each B-tree, where one commit of many runs
+/// writes a few pages; random ids would scatter every run over pages of its own.
 pub fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{:032x}", rand::rng().random::<u128>())
+    let ms = (now_ms() as u64) & 0xFFFF_FFFF_FFFF;
+    let random = rand::rng().random::<u128>() & ((1 << 80) - 1);
+    format!("{prefix}_{ms:012x}{random:020x}")
 }
 
 /// The Python coordinator's deterministic id: `node_run_` + the first 32 hex
@@ -961,6 +966,20 @@ pub fn idempotent_node_run_id(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_ids_have_32_hex_digits_and_sort_by_creation_time() {
+        let first = new_id("run");
+        std::thread::sleep(Duration::from_millis(2));
+        let second = new_id("run");
+        for id in [&first, &second] {
+            let hex = id.strip_prefix("run_").unwrap();
+            assert_eq!(hex.len(), 32, "{id}");
+            assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        assert!(first < second, "{first} then {second}");
+        assert_ne!(new_id("run"), new_id("run"));
+    }
 
     #[test]
     fn idempotent_ids_match_the_python_coordinator() {
