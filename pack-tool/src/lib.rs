@@ -21,7 +21,7 @@ mod compile;
 mod scaffold;
 
 pub use check::{
-    CheckError, NODE_PACK_WIT, NodeSummary, PackContents, PackInspector, PackReport, PackSummary,
+    CheckError, NODE_PACK_WIT, NodeSummary, WIT_DEPS, PackContents, PackInspector, PackReport, PackSummary,
     check, check_line, inspect_paths, inspect_text, list_line,
 };
 pub use compile::{
