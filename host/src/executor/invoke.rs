@@ -95,7 +95,10 @@ impl Executor {
             deadline: deadline.into_std(),
             cancel: Some(cancel.clone()),
         });
-        let budgets = request.constraints.as_ref().and_then(|c| c.budgets.as_ref());
+        let budgets = request
+            .constraints
+            .as_ref()
+            .and_then(|c| c.budgets.as_ref());
         store
             .data_mut()
             .limit_external_calls(budgets.and_then(|b| b.max_external_calls));

@@ -441,7 +441,8 @@ impl Grants {
         };
         let mut blocked = Vec::new();
         for entry in csv_entries(env.blocked_hosts.as_deref()) {
-            let bad = |why: &str| format!("JARVIS_ATOMIC_HTTP_BLOCKED_HOSTS entry {entry:?}: {why}");
+            let bad =
+                |why: &str| format!("JARVIS_ATOMIC_HTTP_BLOCKED_HOSTS entry {entry:?}: {why}");
             let (host, port) = split_host_port(&entry).ok_or_else(|| err(bad("malformed")))?;
             let port = port
                 .map(|p| p.parse::<u16>().ok().filter(|p| *p != 0))
@@ -478,7 +479,9 @@ impl Grants {
             for scheme in ["http", "https"] {
                 let pattern = format!("{scheme}://{host}:{}", port.unwrap_or("*"));
                 let destination = Destination::parse(&pattern).map_err(|e| {
-                    err(format!("JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS entry {entry:?}: {e}"))
+                    err(format!(
+                        "JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS entry {entry:?}: {e}"
+                    ))
                 })?;
                 if !pack.base.allow.contains(&destination) {
                     pack.base.allow.push(destination);
@@ -817,13 +820,28 @@ mod tests {
             .unwrap();
         let core = grants.for_node(CORE_PACK, "jarvis.web.fetch");
         let reach = |s, h, p| core.destination(s, h, p);
-        assert_eq!(reach(Scheme::Https, "api.example.com", 443), Some(Reach::Explicit));
-        assert_eq!(reach(Scheme::Http, "api.example.com", 9000), Some(Reach::Explicit));
-        assert_eq!(reach(Scheme::Http, "127.0.0.1", 8080), Some(Reach::Explicit));
+        assert_eq!(
+            reach(Scheme::Https, "api.example.com", 443),
+            Some(Reach::Explicit)
+        );
+        assert_eq!(
+            reach(Scheme::Http, "api.example.com", 9000),
+            Some(Reach::Explicit)
+        );
+        assert_eq!(
+            reach(Scheme::Http, "127.0.0.1", 8080),
+            Some(Reach::Explicit)
+        );
         assert_eq!(reach(Scheme::Http, "127.0.0.1", 8081), None);
-        assert_eq!(reach(Scheme::Https, "a.docs.example.org", 443), Some(Reach::Public));
+        assert_eq!(
+            reach(Scheme::Https, "a.docs.example.org", 443),
+            Some(Reach::Public)
+        );
         assert_eq!(reach(Scheme::Https, "example.net", 443), None);
-        assert_eq!(core.config["jarvis.http.allowed_hosts"], env.allowed_hosts.clone().unwrap());
+        assert_eq!(
+            core.config["jarvis.http.allowed_hosts"],
+            env.allowed_hosts.clone().unwrap()
+        );
         assert_eq!(core.config["jarvis.http.timeout_seconds"], "2.5");
         assert!(!core.config.contains_key("jarvis.http.max_bytes"));
 
@@ -833,20 +851,36 @@ mod tests {
         assert!(!other.is_blocked("api.example.com", 443));
         assert!(core.is_blocked("evil.example.com", 80));
         assert!(other.config.is_empty());
-        assert!(grants.for_node("unnamed", "n").is_blocked("evil.example.com", 1));
+        assert!(
+            grants
+                .for_node("unnamed", "n")
+                .is_blocked("evil.example.com", 1)
+        );
 
         let star = HttpEnv {
             allowed_hosts: Some("*".into()),
             ..HttpEnv::default()
         };
-        let core = Grants::default().with_http_env(&star).unwrap().for_node(CORE_PACK, "x");
-        assert_eq!(core.destination(Scheme::Http, "example.com", 81), Some(Reach::Public));
+        let core = Grants::default()
+            .with_http_env(&star)
+            .unwrap()
+            .for_node(CORE_PACK, "x");
+        assert_eq!(
+            core.destination(Scheme::Http, "example.com", 81),
+            Some(Reach::Public)
+        );
 
         let bad = HttpEnv {
             allowed_hosts: Some("a b".into()),
             ..HttpEnv::default()
         };
-        let error = Grants::default().with_http_env(&bad).unwrap_err().to_string();
-        assert!(error.contains("JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS"), "{error}");
+        let error = Grants::default()
+            .with_http_env(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS"),
+            "{error}"
+        );
     }
 }

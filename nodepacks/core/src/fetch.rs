@@ -39,8 +39,14 @@ pub(crate) fn input_schema() -> Value {
     crate::closed_object(&[
         ("url", json!({"type": "string"})),
         ("method", json!({"type": ["string", "null"]})),
-        ("headers", json!({"type": ["array", "null"], "items": key_value_schema()})),
-        ("params", json!({"type": ["array", "null"], "items": key_value_schema()})),
+        (
+            "headers",
+            json!({"type": ["array", "null"], "items": key_value_schema()}),
+        ),
+        (
+            "params",
+            json!({"type": ["array", "null"], "items": key_value_schema()}),
+        ),
         ("json", json!({"type": ["string", "null"]})),
         ("body", json!({"type": ["string", "null"]})),
         ("timeout_seconds", json!({"type": ["number", "null"]})),
@@ -52,7 +58,10 @@ pub(crate) fn input_schema() -> Value {
 pub(crate) fn output_schema() -> Value {
     crate::closed_object(&[
         ("status_code", json!({"type": "integer"})),
-        ("headers", json!({"type": "array", "items": key_value_schema()})),
+        (
+            "headers",
+            json!({"type": "array", "items": key_value_schema()}),
+        ),
         ("content_type", json!({"type": ["string", "null"]})),
         ("content_base64", json!({"type": "string"})),
         ("final_url", json!({"type": "string"})),
@@ -103,7 +112,9 @@ pub(crate) fn web_fetch(inputs: FetchInputs, _: &Context) -> Result<FetchOutputs
     let Some(host) = parsed.hostname() else {
         return Err(fail("url must include a hostname"));
     };
-    let port = parsed.port().unwrap_or(if parsed.scheme == "https" { 443 } else { 80 });
+    let port = parsed
+        .port()
+        .unwrap_or(if parsed.scheme == "https" { 443 } else { 80 });
 
     let allowed = config_csv("jarvis.http.allowed_hosts");
     if !allowed.is_empty() && !allowed.iter().any(|e| host_matches(e, &host, port, true)) {
@@ -128,9 +139,9 @@ pub(crate) fn web_fetch(inputs: FetchInputs, _: &Context) -> Result<FetchOutputs
     let params = pairs_to_dict(inputs.params.unwrap_or_default());
     let json_payload = match &inputs.json {
         None => None,
-        Some(text) => Some(
-            serde_json::from_str::<Value>(text).map_err(|_| fail("json must be valid JSON"))?,
-        ),
+        Some(text) => {
+            Some(serde_json::from_str::<Value>(text).map_err(|_| fail("json must be valid JSON"))?)
+        }
     };
 
     let timeout_seconds = match inputs.timeout_seconds {
@@ -143,9 +154,7 @@ pub(crate) fn web_fetch(inputs: FetchInputs, _: &Context) -> Result<FetchOutputs
         None => config_i64("jarvis.http.max_bytes")
             .filter(|n| *n != 0)
             .unwrap_or(DEFAULT_MAX_BYTES),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
-            n.as_i64().unwrap_or(i64::MAX)
-        }
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.as_i64().unwrap_or(i64::MAX),
         Some(_) => return Err(fail("max_bytes must be an integer")),
     };
     let follow_redirects = inputs.follow_redirects.unwrap_or(false);
@@ -154,7 +163,10 @@ pub(crate) fn web_fetch(inputs: FetchInputs, _: &Context) -> Result<FetchOutputs
     // application/json unless the caller set a content type.
     let (body, json_type) = match (inputs.body, json_payload) {
         (Some(body), _) => (Some(body.into_bytes()), false),
-        (None, Some(payload)) => (Some(serde_json::to_vec(&payload).expect("JSON serializes")), true),
+        (None, Some(payload)) => (
+            Some(serde_json::to_vec(&payload).expect("JSON serializes")),
+            true,
+        ),
         (None, None) => (None, false),
     };
     let url = with_params(&inputs.url, &params);
@@ -230,7 +242,11 @@ struct Hop {
 impl Hop {
     fn send(&self, timeout: Duration, read_limit: u64) -> Result<http::Response, NodeError> {
         let mut request = Request::new(&self.method, &self.url).timeout(timeout);
-        let has = |name: &str| self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+        let has = |name: &str| {
+            self.headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name))
+        };
         if !has("accept") {
             request = request.header("accept", "*/*");
         }
@@ -372,9 +388,9 @@ fn host_matches(entry: &str, host: &str, port: u16, wildcards: bool) -> bool {
         return false;
     }
     pattern == "*"
-        || pattern
-            .strip_prefix("*.")
-            .is_some_and(|suffix| host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")))
+        || pattern.strip_prefix("*.").is_some_and(|suffix| {
+            host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}"))
+        })
 }
 
 /// `urllib.parse.urlsplit` of CPython 3.11, far enough for `scheme` and
@@ -469,7 +485,11 @@ fn origin(url: &str) -> String {
         return String::new();
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    format!("{}://{}", scheme.to_ascii_lowercase(), rest[..end].to_ascii_lowercase())
+    format!(
+        "{}://{}",
+        scheme.to_ascii_lowercase(),
+        rest[..end].to_ascii_lowercase()
+    )
 }
 
 /// `location` resolved against `base` (RFC 3986 for the forms servers send).
@@ -501,8 +521,18 @@ mod tests {
     #[test]
     fn urlsplit_finds_scheme_and_hostname_like_python() {
         let cases = [
-            ("http://Example.COM:8080/x", "http", Some("example.com"), Some(8080)),
-            ("HTTPS://user:pw@[::1]:443/", "https", Some("::1"), Some(443)),
+            (
+                "http://Example.COM:8080/x",
+                "http",
+                Some("example.com"),
+                Some(8080),
+            ),
+            (
+                "HTTPS://user:pw@[::1]:443/",
+                "https",
+                Some("::1"),
+                Some(443),
+            ),
             ("ftp://h/", "ftp", Some("h"), None),
             ("example.com/x", "", None, None),
             ("http:example.com", "http", None, None),
@@ -531,9 +561,18 @@ mod tests {
 
     #[test]
     fn params_are_appended_with_quote_plus() {
-        let params = vec![("q".to_owned(), "a b&c".to_owned()), ("n".to_owned(), "1".to_owned())];
-        assert_eq!(with_params("http://h/p#f", &params), "http://h/p?q=a+b%26c&n=1");
-        assert_eq!(with_params("http://h/p?x=1", &params), "http://h/p?x=1&q=a+b%26c&n=1");
+        let params = vec![
+            ("q".to_owned(), "a b&c".to_owned()),
+            ("n".to_owned(), "1".to_owned()),
+        ];
+        assert_eq!(
+            with_params("http://h/p#f", &params),
+            "http://h/p?q=a+b%26c&n=1"
+        );
+        assert_eq!(
+            with_params("http://h/p?x=1", &params),
+            "http://h/p?x=1&q=a+b%26c&n=1"
+        );
         assert_eq!(with_params("http://h/p", &[]), "http://h/p");
     }
 

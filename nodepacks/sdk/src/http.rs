@@ -161,7 +161,8 @@ impl Request {
     /// Sends the request and reads the whole response body, failing with
     /// [`Error::TooLarge`] past `max_bytes`.
     pub fn send(&self, max_bytes: u64) -> Result<Response, Error> {
-        let parts = UrlParts::parse(&self.url).ok_or_else(|| Error::InvalidUrl(self.url.clone()))?;
+        let parts =
+            UrlParts::parse(&self.url).ok_or_else(|| Error::InvalidUrl(self.url.clone()))?;
         let headers = Fields::from_list(&self.headers).map_err(|_| {
             let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
             Error::InvalidHeader(names.join(", "))
@@ -172,7 +173,9 @@ impl Request {
             .map_err(|()| Error::InvalidMethod(self.method.clone()))?;
         let invalid = |_| Error::InvalidUrl(self.url.clone());
         request.set_scheme(Some(&parts.scheme)).map_err(invalid)?;
-        request.set_authority(Some(&parts.authority)).map_err(invalid)?;
+        request
+            .set_authority(Some(&parts.authority))
+            .map_err(invalid)?;
         request
             .set_path_with_query(Some(&parts.path_with_query))
             .map_err(invalid)?;
@@ -263,9 +266,22 @@ fn read_body(incoming: &IncomingBody, max_bytes: u64) -> Result<Vec<u8>, Error> 
 
 fn stream_error(error: StreamError) -> ErrorCode {
     match error {
-        StreamError::LastOperationFailed(e) => wasi::http_error_code(&e)
-            .unwrap_or_else(|| ErrorCode::InternalError(Some(e.to_debug_string()))),
+        StreamError::LastOperationFailed(e) => {
+            wasi::http_error_code(&e).unwrap_or_else(|| error_from_text(e.to_debug_string()))
+        }
         StreamError::Closed => ErrorCode::HttpResponseIncomplete,
+    }
+}
+
+/// The code of a body error the host gave as text only (wasmtime-wasi-http
+/// 48 does so for errors that arise while a response body is read).
+fn error_from_text(text: String) -> ErrorCode {
+    if text.contains("HTTP response body size exceeds limit") {
+        ErrorCode::HttpResponseBodySize(None)
+    } else if text.contains("connection read timeout") {
+        ErrorCode::ConnectionReadTimeout
+    } else {
+        ErrorCode::InternalError(Some(text))
     }
 }
 

@@ -50,12 +50,20 @@
 // that they also resolve inside user crates.
 extern crate self as jarvis_pack_sdk;
 
-#[cfg(all(feature = "arena", target_arch = "wasm32", not(target_feature = "atomics")))]
+#[cfg(all(
+    feature = "arena",
+    target_arch = "wasm32",
+    not(target_feature = "atomics")
+))]
 mod arena;
 pub mod http;
 mod pack;
 
-#[cfg(all(feature = "arena", target_arch = "wasm32", not(target_feature = "atomics")))]
+#[cfg(all(
+    feature = "arena",
+    target_arch = "wasm32",
+    not(target_feature = "atomics")
+))]
 #[global_allocator]
 static ALLOCATOR: arena::Arena = arena::Arena::new();
 

@@ -224,7 +224,11 @@ mod tests {
 
     #[test]
     fn public_ipv6_addresses_are_allowed() {
-        for ip in ["2606:4700:4700::1111", "2a00:1450:4001::200e", "2001:4860::8888"] {
+        for ip in [
+            "2606:4700:4700::1111",
+            "2a00:1450:4001::200e",
+            "2001:4860::8888",
+        ] {
             assert_eq!(kind(ip), None, "{ip}");
         }
     }

@@ -192,7 +192,10 @@ impl Outbound {
             .scheme_str()
             .and_then(Scheme::parse)
             .ok_or(Refusal::BadUri)?;
-        let host = uri.host().filter(|h| !h.is_empty()).ok_or(Refusal::BadUri)?;
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or(Refusal::BadUri)?;
         // `0x7f.1` is 127.0.0.1: the name is judged, looked up and dialled
         // in the one spelling the grants were matched in.
         let host = normalize_host(host).map_err(|_| Refusal::BadUri)?;

@@ -142,6 +142,16 @@ async fn connect_and_send(
         }
         Ok(())
     });
+    // A body announced larger than the cap fails here, with the error code
+    // the guest can read; one that grows past it fails while it is read
+    // (wasmtime-wasi-http 48 hands that error to the guest as text only).
+    let announced = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limits.max_response_bytes) {
+        return Err(Error::HttpResponseBodySize(Some(limits.max_response_bytes)));
+    }
     let between = options.between_bytes_timeout;
     let response = response.map(|incoming| {
         CappedResponseBody {
