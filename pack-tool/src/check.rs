@@ -16,7 +16,10 @@ pub const NODE_PACK_WIT: &str = include_str!("../../wit/node-pack.wit");
 pub const WIT_DEPS: [(&str, &str); 7] = [
     ("cli.wit", include_str!("../../wit/deps/cli.wit")),
     ("clocks.wit", include_str!("../../wit/deps/clocks.wit")),
-    ("filesystem.wit", include_str!("../../wit/deps/filesystem.wit")),
+    (
+        "filesystem.wit",
+        include_str!("../../wit/deps/filesystem.wit"),
+    ),
     ("http.wit", include_str!("../../wit/deps/http.wit")),
     ("io.wit", include_str!("../../wit/deps/io.wit")),
     ("random.wit", include_str!("../../wit/deps/random.wit")),

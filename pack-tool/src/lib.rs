@@ -21,8 +21,8 @@ mod compile;
 mod scaffold;
 
 pub use check::{
-    CheckError, NODE_PACK_WIT, NodeSummary, WIT_DEPS, PackContents, PackInspector, PackReport, PackSummary,
-    check, check_line, inspect_paths, inspect_text, list_line,
+    CheckError, NODE_PACK_WIT, NodeSummary, PackContents, PackInspector, PackReport, PackSummary,
+    WIT_DEPS, check, check_line, inspect_paths, inspect_text, list_line,
 };
 pub use compile::{
     BuildOptions, BuiltPack, PackSource, Toolchain, build, build_all, componentize, install,
