@@ -10,7 +10,7 @@ use clap::Parser;
 use jarvis_auth::AuthSettings;
 
 use crate::executor::{ExecutorConfig, OutputLimits};
-use crate::grants::Grants;
+use crate::grants::{Grants, HttpEnv};
 use crate::packs::spec::PackLimits;
 use crate::packs::watch::WatchSettings;
 use crate::runtime::{GuestThreads, RuntimeLimits};
@@ -159,6 +159,29 @@ pub struct Args {
     #[arg(long, env = "JARVIS_GRANTS_FILE")]
     pub grants: Option<PathBuf>,
 
+    /// Hosts `jarvis.web.fetch` (pack `jarvis.core`) may reach, comma
+    /// separated: `host` (any port), `host:port`, `*.suffix` or `*` (every
+    /// public host). A named host may be private or loopback. Unset, the
+    /// grants file alone decides, and without one nothing is reachable (the
+    /// Python reference allows every host when this is unset).
+    #[arg(long, env = "JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS")]
+    pub http_allowed_hosts: Option<String>,
+
+    /// Hosts no pack may reach, whatever the grants say: `host` or `host:port`,
+    /// comma separated.
+    #[arg(long, env = "JARVIS_ATOMIC_HTTP_BLOCKED_HOSTS")]
+    pub http_blocked_hosts: Option<String>,
+
+    /// `jarvis.web.fetch`'s default timeout in seconds (10 unset), handed to
+    /// the pack as config value `jarvis.http.timeout_seconds`.
+    #[arg(long, env = "JARVIS_ATOMIC_HTTP_TIMEOUT_SECONDS")]
+    pub http_timeout_seconds: Option<String>,
+
+    /// `jarvis.web.fetch`'s default `max_bytes` (1 MiB unset), handed to the
+    /// pack as config value `jarvis.http.max_bytes`.
+    #[arg(long, env = "JARVIS_ATOMIC_HTTP_MAX_BYTES")]
+    pub http_max_bytes: Option<String>,
+
     /// Seconds to let in-flight requests finish after SIGTERM or ctrl-c.
     #[arg(long, env = "JARVIS_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -268,6 +291,14 @@ impl Args {
             Some(path) => Grants::load(path).map_err(|e| format!("JARVIS_GRANTS_FILE: {e}"))?,
             None => Grants::default(),
         };
+        let grants = grants
+            .with_http_env(&HttpEnv {
+                allowed_hosts: self.http_allowed_hosts,
+                blocked_hosts: self.http_blocked_hosts,
+                timeout_seconds: self.http_timeout_seconds,
+                max_bytes: self.http_max_bytes,
+            })
+            .map_err(|e| format!("JARVIS_ATOMIC_HTTP_*: {e}"))?;
         let compile_cache_dir = if self.no_compile_cache {
             None
         } else {

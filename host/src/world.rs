@@ -8,6 +8,14 @@ wasmtime::component::bindgen!({
         default: trappable,
     },
     exports: { default: async },
+    // The wasi interfaces are wasmtime-wasi(-http)'s own bindings, so their
+    // host implementations (grants/http.rs links them) serve our world.
+    with: {
+        "wasi:io": wasmtime_wasi::p2::bindings::io,
+        "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+    },
+    require_store_data_send: true,
 });
 
 pub use jarvis::node::{clock, config, log, random, timer};

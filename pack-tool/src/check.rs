@@ -12,6 +12,20 @@ use serde_json::Value;
 /// The contract, as the tool was built against it.
 pub const NODE_PACK_WIT: &str = include_str!("../../wit/node-pack.wit");
 
+/// The wasi packages the contract imports from (`wit/deps/`), by file name.
+pub const WIT_DEPS: [(&str, &str); 7] = [
+    ("cli.wit", include_str!("../../wit/deps/cli.wit")),
+    ("clocks.wit", include_str!("../../wit/deps/clocks.wit")),
+    (
+        "filesystem.wit",
+        include_str!("../../wit/deps/filesystem.wit"),
+    ),
+    ("http.wit", include_str!("../../wit/deps/http.wit")),
+    ("io.wit", include_str!("../../wit/deps/io.wit")),
+    ("random.wit", include_str!("../../wit/deps/random.wit")),
+    ("sockets.wit", include_str!("../../wit/deps/sockets.wit")),
+];
+
 /// Why a component is not a usable node pack: the reason the executor
 /// would skip it with.
 #[derive(Debug, thiserror::Error)]

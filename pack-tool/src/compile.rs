@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use crate::check::{NODE_PACK_WIT, PackSummary, check};
+use crate::check::{NODE_PACK_WIT, PackSummary, WIT_DEPS, check};
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 /// Linker settings for one-call instances. The executor's pooling allocator
@@ -289,6 +289,11 @@ pub fn componentize(core_module: &[u8]) -> anyhow::Result<Vec<u8>> {
 fn build_python(dir: &Path, options: &BuildOptions) -> anyhow::Result<BuiltPack> {
     let wit_dir = tempfile::tempdir().context("temporary WIT directory")?;
     std::fs::write(wit_dir.path().join("node-pack.wit"), NODE_PACK_WIT)?;
+    let deps = wit_dir.path().join("deps");
+    std::fs::create_dir(&deps)?;
+    for (name, text) in WIT_DEPS {
+        std::fs::write(deps.join(name), text)?;
+    }
     let out = tempfile::Builder::new()
         .suffix(".wasm")
         .tempfile()

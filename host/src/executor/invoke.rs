@@ -95,6 +95,13 @@ impl Executor {
             deadline: deadline.into_std(),
             cancel: Some(cancel.clone()),
         });
+        let budgets = request
+            .constraints
+            .as_ref()
+            .and_then(|c| c.budgets.as_ref());
+        store
+            .data_mut()
+            .limit_external_calls(budgets.and_then(|b| b.max_external_calls));
 
         let trace = request.run_context.as_ref().and_then(|c| c.trace.as_ref());
         let invocation = Invocation {

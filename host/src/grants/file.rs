@@ -15,6 +15,11 @@
 //! allow = ["https://*"]                   # added to the pack's grants for this node
 //! ```
 //!
+//! The reference's `JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS` and
+//! `JARVIS_ATOMIC_HTTP_BLOCKED_HOSTS` join the file ([`Grants::with_http_env`]):
+//! each allowed entry grants pack `jarvis.core` that host over http and https,
+//! and a blocked host is refused to every pack whatever its grants say.
+//!
 //! A node's table adds to its pack's: destinations are joined, its config
 //! values and secrets win over the pack's of the same name, and its limits
 //! replace the pack's. Secret values are read once, when the file is loaded,
@@ -58,10 +63,32 @@ pub enum GrantsError {
     Pack { pack: String, reason: String },
 }
 
-/// Every grant of the file, by pack id.
+/// The pack the reference's `JARVIS_ATOMIC_HTTP_*` variables apply to.
+pub const CORE_PACK: &str = "jarvis.core";
+
+/// Every grant of the file, by pack id, and the hosts no pack may reach.
 #[derive(Debug, Default)]
 pub struct Grants {
     packs: BTreeMap<String, PackGrants>,
+    blocked: Arc<[BlockedHost]>,
+}
+
+/// The reference's `JARVIS_ATOMIC_HTTP_*` variables as the operator set them
+/// (comma-separated host lists, a number of seconds, a number of bytes).
+#[derive(Debug, Clone, Default)]
+pub struct HttpEnv {
+    pub allowed_hosts: Option<String>,
+    pub blocked_hosts: Option<String>,
+    pub timeout_seconds: Option<String>,
+    pub max_bytes: Option<String>,
+}
+
+/// A host no pack may reach: on any port, or on one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedHost {
+    /// Normalized like [`normalize_host`].
+    host: String,
+    port: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -94,6 +121,8 @@ pub struct NodeGrants {
     pub max_response_bytes: u64,
     /// Outbound calls one execution may make.
     pub max_outbound_calls: u32,
+    /// Hosts refused whatever `allow` says.
+    pub blocked: Arc<[BlockedHost]>,
 }
 
 impl Default for NodeGrants {
@@ -105,6 +134,7 @@ impl Default for NodeGrants {
             secrets: BTreeMap::new(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_outbound_calls: DEFAULT_MAX_OUTBOUND_CALLS,
+            blocked: Arc::new([]),
         }
     }
 }
@@ -124,6 +154,16 @@ impl NodeGrants {
             }
         }
         found
+    }
+
+    /// Whether `host:port` is blocked for every pack.
+    pub fn is_blocked(&self, host: &str, port: u16) -> bool {
+        let Ok(host) = normalize_host(host) else {
+            return false;
+        };
+        self.blocked
+            .iter()
+            .any(|b| b.host == host && b.port.is_none_or(|p| p == port))
     }
 }
 
@@ -419,7 +459,86 @@ impl Grants {
                 },
             );
         }
-        Ok(Self { packs })
+        Ok(Self {
+            packs,
+            blocked: Arc::new([]),
+        })
+    }
+
+    /// Adds the reference's `JARVIS_ATOMIC_HTTP_*` variables: each entry of
+    /// `allowed_hosts` (`host`, `host:port`, `*.suffix` or `*`; a host
+    /// without a port means any port, as in the reference) grants pack
+    /// [`CORE_PACK`] that host over http and https; a named host is an
+    /// explicit grant, so `127.0.0.1:8080` may reach loopback, while `*`
+    /// and `*.suffix` reach public addresses only. Each entry of
+    /// `blocked_hosts` (`host` or `host:port`) is refused to every pack.
+    /// The raw values are also config values of [`CORE_PACK`]
+    /// (`jarvis.http.allowed_hosts`, `.blocked_hosts`, `.timeout_seconds`,
+    /// `.max_bytes`) unless the file sets those keys, so `jarvis.web.fetch`
+    /// can answer as the reference does.
+    pub fn with_http_env(mut self, env: &HttpEnv) -> Result<Self, GrantsError> {
+        let err = |reason: String| GrantsError::Pack {
+            pack: CORE_PACK.to_owned(),
+            reason,
+        };
+        let mut blocked = Vec::new();
+        for entry in csv_entries(env.blocked_hosts.as_deref()) {
+            let bad =
+                |why: &str| format!("JARVIS_ATOMIC_HTTP_BLOCKED_HOSTS entry {entry:?}: {why}");
+            let (host, port) = split_host_port(&entry).ok_or_else(|| err(bad("malformed")))?;
+            let port = port
+                .map(|p| p.parse::<u16>().ok().filter(|p| *p != 0))
+                .map(|p| p.ok_or_else(|| err(bad("the port must be 1-65535"))))
+                .transpose()?;
+            let host = normalize_host(host).map_err(|e| err(bad(&e)))?;
+            blocked.push(BlockedHost { host, port });
+        }
+        self.blocked = blocked.into();
+
+        let values = [
+            ("jarvis.http.allowed_hosts", &env.allowed_hosts),
+            ("jarvis.http.blocked_hosts", &env.blocked_hosts),
+            ("jarvis.http.timeout_seconds", &env.timeout_seconds),
+            ("jarvis.http.max_bytes", &env.max_bytes),
+        ];
+        if values.iter().all(|(_, v)| v.is_none()) {
+            return Ok(self);
+        }
+        let pack = self
+            .packs
+            .entry(CORE_PACK.to_owned())
+            .or_insert_with(|| PackGrants {
+                sha256: None,
+                base: GrantSet::default(),
+                nodes: BTreeMap::new(),
+            });
+        for entry in csv_entries(env.allowed_hosts.as_deref()) {
+            let (host, port) = split_host_port(&entry).ok_or_else(|| {
+                err(format!(
+                    "JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS entry {entry:?}: malformed"
+                ))
+            })?;
+            for scheme in ["http", "https"] {
+                let pattern = format!("{scheme}://{host}:{}", port.unwrap_or("*"));
+                let destination = Destination::parse(&pattern).map_err(|e| {
+                    err(format!(
+                        "JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS entry {entry:?}: {e}"
+                    ))
+                })?;
+                if !pack.base.allow.contains(&destination) {
+                    pack.base.allow.push(destination);
+                }
+            }
+        }
+        for (key, value) in values {
+            if let Some(value) = value {
+                pack.base
+                    .config
+                    .entry(key.to_owned())
+                    .or_insert_with(|| value.clone());
+            }
+        }
+        Ok(self)
     }
 
     /// The SHA-256 the file of pack `pack_id` must have, if pinned.
@@ -431,7 +550,10 @@ impl Grants {
     /// file does not name the pack).
     pub fn for_node(&self, pack_id: &str, node_type_id: &str) -> NodeGrants {
         let Some(pack) = self.packs.get(pack_id) else {
-            return NodeGrants::default();
+            return NodeGrants {
+                blocked: self.blocked.clone(),
+                ..NodeGrants::default()
+            };
         };
         let mut set = pack.base.clone();
         if let Some(node) = pack.nodes.get(node_type_id) {
@@ -453,6 +575,7 @@ impl Grants {
             secrets: set.secrets,
             max_response_bytes: set.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
             max_outbound_calls: set.max_outbound_calls.unwrap_or(DEFAULT_MAX_OUTBOUND_CALLS),
+            blocked: self.blocked.clone(),
         }
     }
 }
@@ -498,6 +621,16 @@ impl GrantSet {
             max_outbound_calls: raw.max_outbound_calls,
         })
     }
+}
+
+/// The entries of a comma-separated list, trimmed and lowercased, empty
+/// ones skipped (the reference's `_env_csv`).
+fn csv_entries(raw: Option<&str>) -> Vec<String> {
+    raw.unwrap_or("")
+        .split(',')
+        .map(|e| e.trim().to_ascii_lowercase())
+        .filter(|e| !e.is_empty())
+        .collect()
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
@@ -758,5 +891,83 @@ mod tests {
         let grants = Grants::parse(&text, &no_env).unwrap();
         assert_eq!(grants.pin("p"), Some(hash));
         assert_eq!(grants.pin("q"), None);
+    }
+
+    #[test]
+    fn the_reference_http_variables_grant_jarvis_core_and_block_every_pack() {
+        let env = HttpEnv {
+            allowed_hosts: Some(" API.example.com , 127.0.0.1:8080,*.docs.example.org".into()),
+            blocked_hosts: Some("evil.example.com,api.example.com:8443".into()),
+            timeout_seconds: Some("2.5".into()),
+            max_bytes: None,
+        };
+        let grants = Grants::parse("[packs.other]\nallow = [\"https://*\"]", &no_env)
+            .unwrap()
+            .with_http_env(&env)
+            .unwrap();
+        let core = grants.for_node(CORE_PACK, "jarvis.web.fetch");
+        let reach = |s, h, p| core.destination(s, h, p);
+        assert_eq!(
+            reach(Scheme::Https, "api.example.com", 443),
+            Some(Reach::Explicit)
+        );
+        assert_eq!(
+            reach(Scheme::Http, "api.example.com", 9000),
+            Some(Reach::Explicit)
+        );
+        assert_eq!(
+            reach(Scheme::Http, "127.0.0.1", 8080),
+            Some(Reach::Explicit)
+        );
+        assert_eq!(reach(Scheme::Http, "127.0.0.1", 8081), None);
+        assert_eq!(
+            reach(Scheme::Https, "a.docs.example.org", 443),
+            Some(Reach::Public)
+        );
+        assert_eq!(reach(Scheme::Https, "example.net", 443), None);
+        assert_eq!(
+            core.config["jarvis.http.allowed_hosts"],
+            env.allowed_hosts.clone().unwrap()
+        );
+        assert_eq!(core.config["jarvis.http.timeout_seconds"], "2.5");
+        assert!(!core.config.contains_key("jarvis.http.max_bytes"));
+
+        let other = grants.for_node("other", "other.node");
+        assert!(other.is_blocked("EVIL.example.com.", 443));
+        assert!(other.is_blocked("api.example.com", 8443));
+        assert!(!other.is_blocked("api.example.com", 443));
+        assert!(core.is_blocked("evil.example.com", 80));
+        assert!(other.config.is_empty());
+        assert!(
+            grants
+                .for_node("unnamed", "n")
+                .is_blocked("evil.example.com", 1)
+        );
+
+        let star = HttpEnv {
+            allowed_hosts: Some("*".into()),
+            ..HttpEnv::default()
+        };
+        let core = Grants::default()
+            .with_http_env(&star)
+            .unwrap()
+            .for_node(CORE_PACK, "x");
+        assert_eq!(
+            core.destination(Scheme::Http, "example.com", 81),
+            Some(Reach::Public)
+        );
+
+        let bad = HttpEnv {
+            allowed_hosts: Some("a b".into()),
+            ..HttpEnv::default()
+        };
+        let error = Grants::default()
+            .with_http_env(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("JARVIS_ATOMIC_HTTP_ALLOWED_HOSTS"),
+            "{error}"
+        );
     }
 }

@@ -1,10 +1,11 @@
-//! Host interfaces granted to packs, one file each; each owns its slice of
+//! Host interfaces granted to packs, one module each; each owns its slice of
 //! the store state and its registration in the linker; [`file`] reads what
-//! the operator grants each pack.
+//! the operator grants each pack, and [`http`] checks outbound calls against it.
 
 pub mod clock;
 pub mod config;
 pub mod file;
+pub mod http;
 pub mod log;
 pub mod random;
 pub mod timer;
@@ -13,7 +14,7 @@ use wasmtime::component::Linker;
 
 use crate::runtime::StoreState;
 
-pub use self::file::{Grants, GrantsError, NodeGrants, Secret};
+pub use self::file::{Grants, GrantsError, HttpEnv, NodeGrants, Secret};
 
 /// Adds every host interface of the `node-pack` world to `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
@@ -22,5 +23,6 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result
     random::add_to_linker(linker)?;
     timer::add_to_linker(linker)?;
     config::add_to_linker(linker)?;
+    http::add_to_linker(linker)?;
     Ok(())
 }

@@ -36,6 +36,8 @@ impl GuestRuntime {
             .thread_name_fn(|| format!("guest-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
             .on_thread_start(move || lower_thread_priority(nice))
             .enable_time()
+            // Outbound HTTP (grants/http) connects and reads on these threads.
+            .enable_io()
             .build()?;
         Ok(Self {
             runtime: Some(runtime),

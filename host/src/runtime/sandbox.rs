@@ -10,6 +10,7 @@ use super::{Cancel, Interrupted, InterruptedError, MemoryLimitExceeded, Runtime}
 use crate::grants::NodeGrants;
 use crate::grants::clock::Clock;
 use crate::grants::config::ConfigState;
+use crate::grants::http::HttpState;
 use crate::grants::log::LogState;
 use crate::grants::random::Random;
 use crate::grants::timer::Timer;
@@ -38,12 +39,19 @@ pub struct StoreState {
     pub(crate) random: Random,
     pub(crate) timer: Timer,
     pub(crate) config: ConfigState,
+    pub(crate) http: HttpState,
 }
 
 impl StoreState {
     /// Guest log lines dropped over the per-execution budget.
     pub fn logs_dropped(&self) -> u32 {
         self.log.dropped()
+    }
+
+    /// Lowers this execution's outbound call budget to the request's
+    /// `constraints.budgets.max_external_calls`.
+    pub fn limit_external_calls(&mut self, max_external_calls: Option<u64>) {
+        self.http.limit_calls(max_external_calls);
     }
 }
 
@@ -107,6 +115,7 @@ impl Runtime {
                 limit: limits.max_memory_bytes,
                 used: 0,
             },
+            http: HttpState::new(grants.clone(), deadline, node_run_id.clone()),
             log: LogState::new(node_run_id, node_type_id, limits.max_log_lines),
             clock: Clock,
             random: Random,

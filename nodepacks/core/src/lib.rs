@@ -1,6 +1,7 @@
 //! The `jarvis.core` node pack: the core nodes of arp-jarvis-atomic-nodes
-//! 0.3.8 (echo, sleep, uuid4, time.now, hash.sha256) with the same schemas,
-//! outputs and failures, as a WebAssembly component.
+//! 0.3.8 (echo, sleep, uuid4, time.now, hash.sha256) and its HTTP node
+//! (web.fetch) with the same schemas, outputs and failures, as a WebAssembly
+//! component.
 //!
 //! Where the Python nodes raise `ValueError` (or any exception), these return
 //! a node error with the code the Python executor reports for it,
@@ -11,9 +12,11 @@
 //! - this file: the pack, its schemas and the five nodes.
 //! - `base64`: Python's strict base64 decoding, error for error.
 //! - `encoding`: the text encodings `hash.sha256` accepts, named as Python names them.
+//! - `fetch`: `jarvis.web.fetch` over the host's checked wasi:http.
 
 mod base64;
 mod encoding;
+mod fetch;
 
 use std::time::Duration;
 
@@ -83,6 +86,17 @@ fn pack() -> Pack {
             .output_schema(|| closed_object(&[("sha256", json!({"type": "string"}))]))
             .side_effect(SideEffect::Read)
             .run(hash_sha256),
+        )
+        .node(
+            Node::new(
+                "jarvis.web.fetch",
+                "Fetch a URL over HTTP(S) and return response bytes (base64).",
+            )
+            .input_schema(fetch::input_schema)
+            .output_schema(fetch::output_schema)
+            .side_effect(SideEffect::Read)
+            .egress_policy("external_http")
+            .run(fetch::web_fetch),
         )
 }
 

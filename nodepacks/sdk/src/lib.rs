@@ -40,7 +40,9 @@
 //! # Layout
 //! - [`bindings`]: the `jarvis:node` world, generated from `wit/` by wit-bindgen.
 //! - `pack`: [`Pack`], [`Node`] and [`Context`], and the `describe`/`invoke` dispatch.
-//! - [`time`], [`random`], [`log`]: what the host grants a pack, in std types.
+//! - [`time`], [`random`], [`log`], [`config`]: what the host grants a pack, in std types.
+//! - [`http`]: a blocking HTTP client over `wasi:http`, for the destinations
+//!   the operator grants.
 //! - `arena` (feature, on by default): the pack's global allocator, which
 //!   serves a call from the initial memory instead of growing it.
 
@@ -48,11 +50,20 @@
 // that they also resolve inside user crates.
 extern crate self as jarvis_pack_sdk;
 
-#[cfg(all(feature = "arena", target_arch = "wasm32", not(target_feature = "atomics")))]
+#[cfg(all(
+    feature = "arena",
+    target_arch = "wasm32",
+    not(target_feature = "atomics")
+))]
 mod arena;
+pub mod http;
 mod pack;
 
-#[cfg(all(feature = "arena", target_arch = "wasm32", not(target_feature = "atomics")))]
+#[cfg(all(
+    feature = "arena",
+    target_arch = "wasm32",
+    not(target_feature = "atomics")
+))]
 #[global_allocator]
 static ALLOCATOR: arena::Arena = arena::Arena::new();
 
@@ -66,6 +77,7 @@ pub mod bindings {
         path: "../../wit",
         world: "node-pack",
         pub_export_macro: true,
+        generate_all,
         export_macro_name: "__export_node_pack",
         default_bindings_module: "::jarvis_pack_sdk::bindings",
         runtime_path: "::jarvis_pack_sdk::__wit_bindgen::rt",
