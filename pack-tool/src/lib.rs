@@ -22,8 +22,7 @@ mod scaffold;
 
 pub use check::{
     CheckError, NODE_PACK_WIT, NodeSummary, PackContents, PackInspector, PackReport, PackSummary,
-    WIT_DEPS, check, check_line, inspect_paths, inspect_paths_with_grants, inspect_text,
-    list_line,
+    WIT_DEPS, check, check_line, inspect_paths, inspect_paths_with_grants, inspect_text, list_line,
 };
 pub use compile::{
     BuildOptions, BuiltPack, PackSource, Toolchain, build, build_all, componentize, install,
