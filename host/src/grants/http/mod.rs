@@ -35,11 +35,20 @@ use wasmtime_wasi_http::{
 
 use super::NodeGrants;
 use super::file::{Reach, Scheme, normalize_host};
+use super::log::Sanitized;
 use crate::runtime::StoreState;
 
 /// Request body bytes one outbound call may send: a fixed cap, since a
 /// grant's `max_response_bytes` is about what comes back.
 pub const MAX_REQUEST_BODY_BYTES: u64 = 16 << 20;
+/// wasi resources (fields, requests, bodies, streams, pollables) one
+/// execution may hold at once. One call holds about ten; the table's own
+/// default (a million) would let a guest grow the host's memory by creating
+/// resources in a loop, outside its linear-memory limit.
+pub const MAX_RESOURCES: usize = 512;
+/// Bytes one `fields` resource (a header set) may hold, as wasmtime-wasi-http
+/// counts them (names, values and their in-memory overhead).
+pub const MAX_FIELDS_BYTES: usize = 64 << 10;
 
 /// HTTP's slice of store state: the guest's wasi resources (requests,
 /// responses, streams) and the checks of its outbound calls. Empty until the
@@ -63,9 +72,13 @@ impl std::fmt::Debug for HttpState {
 impl HttpState {
     pub(crate) fn new(grants: Arc<NodeGrants>, deadline: Instant, node_run_id: Arc<str>) -> Self {
         let budget = grants.max_outbound_calls;
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
+        let mut ctx = WasiHttpCtx::new();
+        ctx.set_field_size_limit(MAX_FIELDS_BYTES);
         Self {
-            table: ResourceTable::new(),
-            ctx: WasiHttpCtx::new(),
+            table,
+            ctx,
             clocks: WasiClocksCtx::default(),
             hooks: Outbound {
                 grants,
@@ -230,11 +243,11 @@ impl WasiHttpHooks for Outbound {
         let method = request.method().clone();
         match self.check(&request) {
             Err(refusal) => {
-                let host = request.uri().host().unwrap_or("").to_owned();
+                let host = request.uri().host().unwrap_or("");
                 tracing::debug!(
-                    node_run_id = %self.node_run_id,
+                    node_run_id = %Sanitized(&self.node_run_id),
                     %method,
-                    host,
+                    host = %Sanitized(host),
                     refused = refusal.reason(),
                     "outbound request refused"
                 );
@@ -254,7 +267,7 @@ impl WasiHttpHooks for Outbound {
     }
 
     fn p2_error_from_hyper(&mut self, err: &hyper::Error) -> ErrorCode {
-        tracing::debug!(node_run_id = %self.node_run_id, error = %err, "outbound request failed");
+        tracing::debug!(node_run_id = %Sanitized(&self.node_run_id), error = %err, "outbound request failed");
         ErrorCode::HttpProtocolError
     }
 }

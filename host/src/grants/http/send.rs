@@ -28,6 +28,7 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 use super::addr::classify;
 use super::{IoFuture, MAX_REQUEST_BODY_BYTES, Target};
 use crate::grants::file::{Reach, Scheme};
+use crate::grants::log::Sanitized;
 
 /// The bounds of one call.
 #[derive(Debug, Clone, Copy)]
@@ -50,11 +51,11 @@ pub(super) async fn send(
     let result = connect_and_send(request, options, target, limits).await;
     match &result {
         Ok((response, _)) => tracing::debug!(
-            %node_run_id, %method, destination, status = response.status().as_u16(),
+            node_run_id = %Sanitized(&node_run_id), %method, destination, status = response.status().as_u16(),
             "outbound request"
         ),
         Err(error) => tracing::debug!(
-            %node_run_id, %method, destination, %error,
+            node_run_id = %Sanitized(&node_run_id), %method, destination, %error,
             "outbound request failed"
         ),
     }
