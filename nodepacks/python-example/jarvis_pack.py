@@ -5,7 +5,9 @@ It keeps the shape of `jarvis_atomic_nodes.sdk`: decorate a function with
 answers the executor's `describe` and `invoke` from it. Handlers may be plain
 or `async def` functions taking `(inputs, ctx)`, so JARVIS nodes port as they
 are, except that a pack has no asyncio event loop and no WASI: wait with
-`ctx.sleep`, read time with `ctx.now`, say things with `ctx.log`.
+`ctx.sleep`, read time with `ctx.now`, say things with `ctx.log`, call an HTTP
+API with `ctx.fetch` (wasi:http; the executor sends only what the operator's
+grants allow, see the README's "Outbound HTTP").
 
 A handler that raises fails the call with code `handler_error` (what the JARVIS
 Python executor reports) and the exception's message; raise `NodeFailure` to
@@ -19,8 +21,11 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
-from wit_world.imports import clock, log, random, timer
+from componentize_py_types import Err
+from wit_world.imports import clock, log, outgoing_handler, random, streams, timer
+from wit_world.imports import types as http
 
 
 class NodeFailure(Exception):
@@ -55,6 +60,124 @@ class NodeContext:
 
     def log(self, message: str, **fields: Any) -> None:
         log.log(log.Level.INFO, message, [log.Field(key=k, value=str(v)) for k, v in fields.items()])
+
+    def fetch(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        max_bytes: int = 1 << 20,
+    ) -> HttpResponse:
+        """One HTTP request through the host (redirects are returned, not followed).
+
+        Raises `HttpError` (a `NodeFailure`, so an uncaught one fails the call
+        with its code) when the host refuses the request or it fails, and when
+        the body is longer than `max_bytes`.
+        """
+        return fetch(url, method=method, headers=headers, body=body, max_bytes=max_bytes)
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class HttpError(NodeFailure):
+    """A request the host refused or that failed, with a code of ours."""
+
+
+# The host's refusals get the codes jarvis.web.fetch reports; see the README.
+_ERROR_CODES = {
+    "ErrorCode_HttpRequestDenied": "http_denied",
+    "ErrorCode_DestinationIpProhibited": "http_address_not_public",
+    "ErrorCode_ConnectionLimitReached": "http_call_budget_exceeded",
+    "ErrorCode_HttpResponseBodySize": "http_response_too_large",
+    "ErrorCode_ConnectionTimeout": "http_timeout",
+    "ErrorCode_ConnectionReadTimeout": "http_timeout",
+    "ErrorCode_HttpResponseTimeout": "http_timeout",
+}
+
+_METHODS = {
+    "GET": http.Method_Get,
+    "HEAD": http.Method_Head,
+    "POST": http.Method_Post,
+    "PUT": http.Method_Put,
+    "DELETE": http.Method_Delete,
+    "OPTIONS": http.Method_Options,
+    "PATCH": http.Method_Patch,
+}
+
+# A write of the wasi output stream takes at most this many bytes.
+_WRITE_CHUNK = 4096
+
+
+def _http_error(code: Any) -> HttpError:
+    name = type(code).__name__
+    return HttpError(_ERROR_CODES.get(name, "http_error"), f"{name.removeprefix('ErrorCode_')}: {code}")
+
+
+def fetch(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    max_bytes: int = 1 << 20,
+) -> HttpResponse:
+    """A blocking HTTP request over wasi:http; see `NodeContext.fetch`."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("url must be http or https with a host")
+    kind = _METHODS.get(method.upper())
+    fields = http.Fields()
+    for name, value in (headers or {}).items():
+        fields.append(name, value.encode())
+    request = http.OutgoingRequest(fields)
+    request.set_method(kind() if kind else http.Method_Other(method))
+    request.set_scheme(http.Scheme_Https() if parts.scheme == "https" else http.Scheme_Http())
+    request.set_authority(parts.netloc)
+    request.set_path_with_query((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    outgoing = request.body()
+    try:
+        future = outgoing_handler.handle(request, None)
+    except Err as refused:
+        raise _http_error(refused.value) from None
+    if body:
+        with outgoing.write() as stream:
+            for start in range(0, len(body), _WRITE_CHUNK):
+                stream.blocking_write_and_flush(body[start : start + _WRITE_CHUNK])
+    http.OutgoingBody.finish(outgoing, None)
+    with future:
+        with future.subscribe() as ready:
+            ready.block()
+        answer = future.get()
+    # Ready, it is Ok(Ok(response)), or Ok(Err(code)) when the request failed.
+    if answer is None or isinstance(answer, Err):
+        raise HttpError("http_error", "the response was not available")
+    if isinstance(answer.value, Err):
+        raise _http_error(answer.value.value)
+    with answer.value.value as response:
+        status = response.status()
+        with response.headers() as fields:
+            pairs = [(name, value.decode("latin-1")) for name, value in fields.entries()]
+        data = bytearray()
+        with response.consume() as incoming:
+            with incoming.stream() as stream:
+                while True:
+                    try:
+                        chunk = stream.blocking_read(65536)
+                    except Err as end:
+                        if isinstance(end.value, streams.StreamError_Closed):
+                            break
+                        raise HttpError("http_error", f"reading the body failed: {end.value}") from None
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise HttpError("http_response_too_large", f"the body is over {max_bytes} bytes")
+    return HttpResponse(status=status, headers=pairs, body=bytes(data))
 
 
 @dataclass(frozen=True)

@@ -70,4 +70,41 @@ def stamp(inputs: dict[str, Any], ctx: NodeContext) -> dict[str, Any]:
     }
 
 
-pack = NodePack(pack_id="jarvis.example.py", version="0.1.0", nodes=[word_count, stamp])
+@atomic_node(
+    name="jarvis.example.py.fetch_text",
+    input_schema={
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "url": {"type": "string"},
+            "max_bytes": {"type": "integer", "minimum": 0},
+        },
+        "required": ["url"],
+    },
+    output_schema={
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "status": {"type": "integer"},
+            "content_type": {"type": ["string", "null"]},
+            "text": {"type": "string"},
+        },
+        "required": ["status", "content_type", "text"],
+    },
+    egress_policy="external_http",
+    tags=["example", "http"],
+)
+def fetch_text(inputs: dict[str, Any], ctx: NodeContext) -> dict[str, Any]:
+    """GET a URL the operator granted and return its status and body as text."""
+    response = ctx.fetch(inputs["url"], max_bytes=inputs.get("max_bytes", 1 << 20))
+    content_type = next((v for k, v in response.headers if k.lower() == "content-type"), None)
+    return {
+        "status": response.status,
+        "content_type": content_type,
+        "text": response.body.decode("utf-8", errors="replace"),
+    }
+
+
+pack = NodePack(
+    pack_id="jarvis.example.py", version="0.1.0", nodes=[word_count, stamp, fetch_text]
+)

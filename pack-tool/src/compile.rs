@@ -301,12 +301,13 @@ fn build_python(dir: &Path, options: &BuildOptions) -> anyhow::Result<BuiltPack>
     let componentize_py: OsString =
         std::env::var_os("JARVIS_COMPONENTIZE_PY").unwrap_or_else(|| "componentize-py".into());
     eprintln!("building {} (componentize-py)", dir.display());
-    // --stub-wasi: the executor grants no WASI, only the world's imports;
-    // CPython's own WASI calls (environment, stdio, ...) get harmless stubs.
+    // No --stub-wasi: it would stub wasi:http along with CPython's own WASI
+    // imports. The executor serves those empty (no files, environment or
+    // sockets), so the pack keeps the network the operator grants.
     let status = Command::new(&componentize_py)
         .arg("--wit-path")
         .arg(wit_dir.path())
-        .args(["--world", "node-pack", "componentize", "--stub-wasi"])
+        .args(["--world", "node-pack", "componentize"])
         .arg("--python-path")
         .arg(dir)
         .arg("--output")

@@ -9,6 +9,7 @@ pub mod http;
 pub mod log;
 pub mod random;
 pub mod timer;
+pub mod wasi;
 
 use wasmtime::component::Linker;
 
@@ -23,6 +24,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result
     random::add_to_linker(linker)?;
     timer::add_to_linker(linker)?;
     config::add_to_linker(linker)?;
+    wasi::add_to_linker(linker)?;
     http::add_to_linker(linker)?;
     Ok(())
 }

@@ -14,6 +14,7 @@ use crate::grants::http::HttpState;
 use crate::grants::log::LogState;
 use crate::grants::random::Random;
 use crate::grants::timer::Timer;
+use crate::grants::wasi::WasiState;
 
 /// What one sandbox is built for.
 #[derive(Debug)]
@@ -40,6 +41,7 @@ pub struct StoreState {
     pub(crate) timer: Timer,
     pub(crate) config: ConfigState,
     pub(crate) http: HttpState,
+    pub(crate) wasi: WasiState,
 }
 
 impl StoreState {
@@ -121,6 +123,7 @@ impl Runtime {
             random: Random,
             timer: Timer,
             config: ConfigState::new(grants),
+            wasi: WasiState::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::component::{Linker, ResourceTable};
-use wasmtime_wasi::clocks::{WasiClocks, WasiClocksCtx, WasiClocksCtxView};
 use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 use wasmtime_wasi_http::{
     Error, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
@@ -57,7 +56,6 @@ pub const MAX_FIELDS_BYTES: usize = 64 << 10;
 pub struct HttpState {
     table: ResourceTable,
     ctx: WasiHttpCtx,
-    clocks: WasiClocksCtx,
     hooks: Outbound,
 }
 
@@ -79,7 +77,6 @@ impl HttpState {
         Self {
             table,
             ctx,
-            clocks: WasiClocksCtx::default(),
             hooks: Outbound {
                 grants,
                 deadline,
@@ -98,28 +95,21 @@ impl HttpState {
         }
     }
 
+    /// The execution's wasi resources, shared with [`super::wasi`].
+    pub(crate) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+
     /// Outbound calls the guest has made (refused ones included).
     pub fn calls_made(&self) -> u32 {
         self.hooks.made
     }
 }
 
+/// Adds `wasi:http`; `wasi:io` and the clocks its types use come with the
+/// rest of WASI ([`super::wasi`]), over the same resource table.
 pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
-    wasmtime_wasi_io::add_to_linker_async(linker)?;
-    wasmtime_wasi::p2::bindings::clocks::monotonic_clock::add_to_linker::<StoreState, WasiClocks>(
-        linker,
-        |s| WasiClocksCtxView {
-            ctx: &mut s.http.clocks,
-            table: &mut s.http.table,
-        },
-    )?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)
-}
-
-impl wasmtime_wasi_io::IoView for StoreState {
-    fn table(&mut self) -> &mut ResourceTable {
-        &mut self.http.table
-    }
 }
 
 impl WasiHttpView for StoreState {

@@ -2,8 +2,12 @@
 //! componentize-py) loaded and run by the executor, and the executor serving
 //! other packs while it compiles the big Python component.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use jarvis_atomic_executor::grants::Grants;
 use serde_json::json;
 
 use crate::support::*;
@@ -133,4 +137,84 @@ async fn compiling_a_python_pack_does_not_stop_serving() {
         "only {served_while_compiling} calls served during the compile"
     );
     assert!(slowest < Duration::from_secs(1), "slowest call {slowest:?}");
+}
+
+/// The Python pack calls out through `wasi:http` (`ctx.fetch`): a server its
+/// grant names answers it; a port it was not granted is refused by the host
+/// before any connection, and the node fails with the host's code.
+#[tokio::test]
+async fn a_python_node_reaches_a_granted_server_and_is_refused_an_ungranted_one() {
+    let Some(pack) = built_pack(PACK) else { return };
+    let hits = Arc::new(AtomicUsize::new(0));
+    let granted = upstream(hits.clone()).await;
+    let other_hits = Arc::new(AtomicUsize::new(0));
+    let other = upstream(other_hits.clone()).await;
+    let grants = Grants::parse(
+        &format!("[packs.\"jarvis.example.py\"]\nallow = [\"http://{granted}\"]\n"),
+        &|_| None,
+    )
+    .unwrap();
+    let t = serve(&[pack], |c| c.grants = Arc::new(grants)).await;
+
+    let result = t
+        .result(&request(
+            "nr-py-fetch-1",
+            "jarvis.example.py.fetch_text",
+            VERSION,
+            json!({"url": format!("http://{granted}/greeting?lang=py")}),
+        ))
+        .await;
+    assert_outcome(&result, "succeeded", None);
+    assert_eq!(
+        result["outputs"],
+        json!({"status": 200, "content_type": "text/plain; charset=utf-8", "text": "hello from upstream: /greeting?lang=py"})
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+    // Over the node's max_bytes: the body is refused, with our code.
+    let result = t
+        .result(&request(
+            "nr-py-fetch-2",
+            "jarvis.example.py.fetch_text",
+            VERSION,
+            json!({"url": format!("http://{granted}/greeting"), "max_bytes": 4}),
+        ))
+        .await;
+    assert_outcome(&result, "failed", Some("http_response_too_large"));
+
+    let result = t
+        .result(&request(
+            "nr-py-fetch-3",
+            "jarvis.example.py.fetch_text",
+            VERSION,
+            json!({"url": format!("http://{other}/greeting")}),
+        ))
+        .await;
+    assert_outcome(&result, "failed", Some("http_denied"));
+    assert_eq!(
+        other_hits.load(Ordering::SeqCst),
+        0,
+        "the host connected anyway"
+    );
+}
+
+/// A server on 127.0.0.1:0 answering every path with its path and query.
+async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let hits = hits.clone();
+        async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8",
+                )],
+                format!("hello from upstream: {uri}"),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
 }
