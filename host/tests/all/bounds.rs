@@ -494,47 +494,15 @@ async fn run_binary(format: &str) -> Vec<String> {
         ),
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jarvis-atomic-executor"))
-        .args(["--port", "0", "--no-compile-cache", "--packs"])
-        .arg(dir.path())
-        .env("LOG_FORMAT", format)
-        .env("LOG_LEVEL", "info")
-        .env_remove("RUST_LOG")
-        .env("ARP_AUTH_PROFILE", "dev-insecure")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    let mut executor = LoggedExecutor::start(dir.path(), |command| {
+        command
+            .env("LOG_FORMAT", format)
+            .env("LOG_LEVEL", "info")
+            .env_remove("RUST_LOG");
     });
-    let mut lines = Vec::new();
-    let wait_for = |lines: &mut Vec<String>, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !lines.iter().any(|l| l.contains(what)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => lines.push(line),
-                Err(_) => panic!("no log line with {what:?} in {lines:#?}"),
-            }
-        }
-    };
-    wait_for(&mut lines, "listening");
-    wait_for(&mut lines, "pack skipped");
-    wait_for(&mut lines, "pack loaded");
-    let listening = lines.iter().find(|l| l.contains("listening")).unwrap();
-    let addr = listening
-        .split(|c: char| c == '"' || c == '=' || c.is_whitespace())
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap()
-        .to_owned();
+    let addr = executor.addr();
+    executor.wait_for("pack skipped");
+    executor.wait_for("pack loaded");
     let result: Value = reqwest::Client::new()
         .post(format!("http://{addr}/v1/atomic-node-runs:execute"))
         .json(&request("nr-log", "test.logger", "1.0.0", json!({})))
@@ -545,12 +513,8 @@ async fn run_binary(format: &str) -> Vec<String> {
         .await
         .unwrap();
     assert_outcome(&result, "succeeded", None);
-    wait_for(&mut lines, "hello");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    reader.join().unwrap();
-    lines.extend(rx.try_iter());
-    lines
+    executor.wait_for("hello");
+    executor.finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

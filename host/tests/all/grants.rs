@@ -9,7 +9,7 @@ use jarvis_atomic_executor::watpack::{WatNode, WatPack};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::{assert_outcome, config, pack_with, request, start};
+use crate::support::{LoggedExecutor, assert_outcome, config, pack_with, request, start};
 
 const SECRET: &str = "s3cr3t-7f1c2b9e";
 
@@ -262,55 +262,16 @@ async fn a_secret_read_by_a_node_never_reaches_the_log() {
         "[packs.\"test.reader\"]\nsecrets = { token = { env = \"TEST_READER_TOKEN\" } }\n",
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jarvis-atomic-executor"))
-        .args(["--port", "0", "--no-compile-cache", "--packs"])
-        .arg(&packs)
-        .arg("--grants")
-        .arg(&grants)
-        .env("TEST_READER_TOKEN", format!("{{\"token\":\"{SECRET}\"}}"))
-        // Everything of ours at debug, where successes are logged.
-        .env("RUST_LOG", "info,jarvis_atomic_executor=trace,pack=trace")
-        .env("ARP_AUTH_PROFILE", "dev-insecure")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let mut readers = Vec::new();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        }));
-    }
-    drop(tx);
-    let mut lines = Vec::new();
-    let wait_for = |lines: &mut Vec<String>, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !lines.iter().any(|l: &String| l.contains(what)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => lines.push(line),
-                Err(_) => panic!("no log line with {what:?} in {lines:#?}"),
-            }
-        }
-    };
-    wait_for(&mut lines, "listening");
-    wait_for(&mut lines, "pack loaded");
-    let listening = lines.iter().find(|l| l.contains("listening")).unwrap();
-    let addr = listening
-        .split(|c: char| c == '"' || c == '=' || c.is_whitespace())
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap()
-        .to_owned();
+    let mut executor = LoggedExecutor::start(&packs, |command| {
+        command
+            .arg("--grants")
+            .arg(&grants)
+            .env("TEST_READER_TOKEN", format!("{{\"token\":\"{SECRET}\"}}"))
+            // Everything of ours at debug, where successes are logged.
+            .env("RUST_LOG", "info,jarvis_atomic_executor=trace,pack=trace");
+    });
+    let addr = executor.addr();
+    executor.wait_for("pack loaded");
     let result: Value = reqwest::Client::new()
         .post(format!("http://{addr}/v1/atomic-node-runs:execute"))
         .json(&request("nr-secret", "test.reader", "1.0.0", json!({})))
@@ -322,13 +283,8 @@ async fn a_secret_read_by_a_node_never_reaches_the_log() {
         .unwrap();
     // The node may return what it was granted; the host logs none of it.
     assert_eq!(result["outputs"], json!({ "token": SECRET }), "{result}");
-    wait_for(&mut lines, "execution finished");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    for reader in readers {
-        reader.join().unwrap();
-    }
-    lines.extend(rx.try_iter());
+    executor.wait_for("execution finished");
+    let lines = executor.finish();
     for line in &lines {
         assert!(!line.contains(SECRET), "{line}");
     }

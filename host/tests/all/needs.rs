@@ -8,7 +8,7 @@ use jarvis_atomic_executor::grants::Grants;
 use jarvis_atomic_executor::watpack::{WatNeeds, WatNode, WatPack};
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, assert_outcome, config, request, start};
+use crate::support::{LoggedExecutor, TestServer, assert_outcome, config, request, start};
 
 const ECHO: &str = "(call $ok_inputs (local.get $call))";
 const SECRET: &str = "s3cr3t-needs-4e1a";
@@ -289,50 +289,15 @@ async fn the_log_says_which_node_is_not_served_and_why_and_never_a_secrets_value
         "[packs.\"test.needy\"]\nsecrets = { other = { env = \"TEST_NEEDS_SECRET\" } }\n",
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jarvis-atomic-executor"))
-        .args(["--port", "0", "--no-compile-cache", "--packs"])
-        .arg(&packs)
-        .arg("--grants")
-        .arg(&grants)
-        .env("TEST_NEEDS_SECRET", SECRET)
-        .env("RUST_LOG", "info,jarvis_atomic_executor=trace")
-        .env("ARP_AUTH_PROFILE", "dev-insecure")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let mut readers = Vec::new();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        }));
-    }
-    drop(tx);
-    let mut lines: Vec<String> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !lines.iter().any(|l| l.contains("pack loaded")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => lines.push(line),
-            Err(_) => panic!("no `pack loaded` line in {lines:#?}"),
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    for reader in readers {
-        reader.join().unwrap();
-    }
-    lines.extend(rx.try_iter());
+    let mut executor = LoggedExecutor::start(&packs, |command| {
+        command
+            .arg("--grants")
+            .arg(&grants)
+            .env("TEST_NEEDS_SECRET", SECRET)
+            .env("RUST_LOG", "info,jarvis_atomic_executor=trace");
+    });
+    executor.wait_for("pack loaded");
+    let lines = executor.finish();
     let refusal = lines
         .iter()
         .find(|l| l.contains("pack node not served") && l.contains("test.needy.secret"))

@@ -152,3 +152,94 @@ async fn send(client: reqwest::Client, url: String, body: Value) -> (u16, Value)
         },
     )
 }
+
+/// The built executor binary as a child process, every line it writes (stdout
+/// and stderr) collected, for tests about what it logs.
+pub(crate) struct LoggedExecutor {
+    child: std::process::Child,
+    lines_rx: std::sync::mpsc::Receiver<String>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    /// Every line read so far.
+    pub lines: Vec<String>,
+}
+
+impl LoggedExecutor {
+    /// Starts the binary on port 0 serving `packs`, with `configure` adding
+    /// arguments and environment (`ARP_AUTH_PROFILE=dev-insecure` is set).
+    pub(crate) fn start(
+        packs: &std::path::Path,
+        configure: impl FnOnce(&mut std::process::Command),
+    ) -> Self {
+        use std::io::BufRead as _;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_jarvis-atomic-executor"));
+        command
+            .args(["--port", "0", "--no-compile-cache", "--packs"])
+            .arg(packs)
+            .env("ARP_AUTH_PROFILE", "dev-insecure")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        configure(&mut command);
+        let mut child = command.spawn().unwrap();
+        let (tx, lines_rx) = std::sync::mpsc::channel::<String>();
+        let streams: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        let readers = streams
+            .into_iter()
+            .map(|stream| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for line in std::io::BufReader::new(stream).lines() {
+                        let Ok(line) = line else { break };
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            child,
+            lines_rx,
+            readers,
+            lines: Vec::new(),
+        }
+    }
+
+    /// Reads lines until one contains `what` (30 s at most, then panics with
+    /// every line read).
+    pub(crate) fn wait_for(&mut self, what: &str) -> &str {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(i) = self.lines.iter().position(|l| l.contains(what)) {
+                return &self.lines[i];
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines_rx.recv_timeout(left) {
+                Ok(line) => self.lines.push(line),
+                Err(_) => panic!("no log line with {what:?} in {:#?}", self.lines),
+            }
+        }
+    }
+
+    /// The address from the `listening` line, once it is written.
+    pub(crate) fn addr(&mut self) -> String {
+        self.wait_for("listening")
+            .split(|c: char| c == '"' || c == '=' || c.is_whitespace())
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .expect("the listening line names its address")
+            .to_owned()
+    }
+
+    /// Kills the process and returns every line it wrote.
+    pub(crate) fn finish(mut self) -> Vec<String> {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
+        self.lines.extend(self.lines_rx.try_iter());
+        self.lines
+    }
+}
