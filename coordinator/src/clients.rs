@@ -358,20 +358,19 @@ async fn list_node_types(
         return Err(CallError::from_status(resp, peer, "node_types_unavailable").await);
     }
     let body = read_body(resp, peer, LISTING_BYTES_MAX).await?;
-    parse_listing(&body, peer)
+    parse_listing(&body, peer).map_err(|message| {
+        tracing::warn!(service = peer.name(), error = %message, "unusable node type listing");
+        CallError::terminal(peer.bad_response_code(), message)
+    })
 }
 
 /// A listing read liberally: an entry we cannot use is skipped (and logged with its
 /// field), not the whole listing; at most [`LISTING_TYPES_MAX`] entries are kept.
-pub fn parse_listing(body: &[u8], peer: Peer) -> Result<Vec<NodeType>, CallError> {
+fn parse_listing(body: &[u8], peer: Peer) -> Result<Vec<NodeType>, String> {
     let entries: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|err| {
-        tracing::warn!(service = peer.name(), error = %err, "unusable node type listing");
-        CallError::terminal(
-            peer.bad_response_code(),
-            format!(
-                "{} sent a node type listing we cannot use: {err}",
-                peer.name()
-            ),
+        format!(
+            "{} sent a node type listing we cannot use: {err}",
+            peer.name()
         )
     })?;
     if entries.len() > LISTING_TYPES_MAX {
@@ -459,5 +458,30 @@ impl PdpClient {
         )
         .await
         .map(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_keeps_what_it_can_read_and_at_most_the_bound() {
+        let body = serde_json::json!([
+            {"node_type_id": "a", "version": "1", "kind": "atomic", "vendor": {"x": 1}},
+            {"node_type_id": "b", "version": "1"},
+            {"node_type_id": "c", "version": "2", "kind": "composite", "extensions": {"plain": 1}},
+        ]);
+        let types = parse_listing(body.to_string().as_bytes(), Peer::AtomicExecutor).unwrap();
+        let ids: Vec<_> = types.iter().map(|t| t.node_type_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+
+        let many: Vec<_> = (0..LISTING_TYPES_MAX + 5)
+            .map(|i| serde_json::json!({"node_type_id": format!("n{i}"), "version": "1", "kind": "atomic"}))
+            .collect();
+        let body = serde_json::to_vec(&many).unwrap();
+        let types = parse_listing(&body, Peer::AtomicExecutor).unwrap();
+        assert_eq!(types.len(), LISTING_TYPES_MAX);
+        assert!(parse_listing(b"{\"not\": \"a list\"}", Peer::AtomicExecutor).is_err());
     }
 }

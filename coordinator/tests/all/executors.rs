@@ -446,7 +446,8 @@ async fn posts_answer_in_milliseconds_while_one_executor_hangs() {
     eprintln!("POST /v1/runs with one executor hung: p50 {p50:?}, max {max:?}");
     // Generous for a loaded machine; a POST waiting on the hung executor took seconds.
     assert!(max < Duration::from_millis(500), "slowest POST {max:?}");
-    assert!(p50 < Duration::from_millis(50), "p50 {p50:?}");
+    // Each POST waits for its fsync (`flush`), tens of ms on a busy shared disk.
+    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
     let started = Instant::now();
     assert_all_succeeded(&coord, &runs).await;
     assert!(!in_rotation(&coord, &hung.url));
