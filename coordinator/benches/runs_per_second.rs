@@ -9,11 +9,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use jarvis_atomic_executor::RunningServer;
 use jarvis_run_coordinator::Server;
-use jarvis_run_coordinator::config::{Config, Durability, LocalPolicy, Timing};
+use jarvis_run_coordinator::config::{Config, Durability};
 use serde_json::{Value, json};
 
 // As the binaries: the allocator is part of the per-run cost.
@@ -41,25 +41,10 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or_default();
     eprintln!("durability: {durability:?}");
-    let config = Config {
-        listen: "127.0.0.1:0".into(),
-        db_path: dir.path().join("bench.sqlite3"),
-        atomic_executor_url: Some(executor.url()),
-        composite_executor_url: None,
-        node_registry_url: None,
-        pdp_url: None,
-        policy: LocalPolicy::AllowAll,
-        public_url: None,
-        auto_dispatch: true,
-        node_run_timeout: Duration::from_secs(60),
-        dispatch_concurrency: 1024,
-        lease: Duration::from_secs(15),
-        retention: None,
-        durability,
-        timing: Timing::default(),
-        auth: Config::insecure_auth().0,
-        outbound: Config::insecure_auth().1,
-    };
+    let mut config = Config::for_tests(&dir.path().join("bench.sqlite3"));
+    config.atomic_executor_urls = vec![executor.url()];
+    config.dispatch_concurrency = 1024;
+    config.durability = durability;
     let server = Server::bind(config).await?;
     let url = format!("http://{}", server.addr);
     tokio::spawn(server.serve(std::future::pending()));

@@ -14,15 +14,14 @@ use arp_types::{ConstraintEnvelope, NodeKind, NodeType, NodeTypeRef};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::clients::{
-    AtomicExecutorClient, CallError, CompositeExecutorClient, NodeRegistryClient,
-};
+use crate::clients::{CallError, CompositeExecutorClient, NodeRegistryClient};
+use crate::executors::AtomicExecutors;
 
 /// How long a fetched node type (or executor listing) is trusted.
-const TTL: Duration = Duration::from_secs(30);
+pub(crate) const TTL: Duration = Duration::from_secs(30);
 /// A source is asked again at most this often: after a failed fetch, or when a
 /// node type it did not list is looked up (unknown ids must not cause a storm).
-const MISS_REFETCH: Duration = Duration::from_secs(1);
+pub(crate) const MISS_REFETCH: Duration = Duration::from_secs(1);
 /// How long [`NodeCatalog::lookup`] waits for a fetch in flight that may know the type.
 pub const LOOKUP_WAIT: Duration = Duration::from_secs(1);
 /// Registry answers kept; clients choose the ids, so the cache is bounded.
@@ -39,7 +38,7 @@ pub struct NodeTypeInfo {
 }
 
 /// Node types by id, each with the versions listed.
-type Listing = HashMap<String, Vec<NodeType>>;
+pub(crate) type Listing = HashMap<String, Vec<NodeType>>;
 
 #[derive(Debug)]
 pub struct NodeCatalog {
@@ -51,7 +50,9 @@ pub struct NodeCatalog {
 #[derive(Debug)]
 struct Shared {
     registry: Option<NodeRegistryClient>,
-    atomic: Option<AtomicExecutorClient>,
+    /// The atomic executors keep their own listings (they route NodeRuns by them);
+    /// the catalog reads their union.
+    atomic: Option<Arc<AtomicExecutors>>,
     composite: Option<CompositeExecutorClient>,
     /// Held only to read or record answers, never across a fetch.
     state: Mutex<State>,
@@ -63,27 +64,21 @@ struct Shared {
 struct State {
     /// By (id, version); `Some(None)` when the registry does not know the type.
     registry: HashMap<(String, String), Cached<Option<NodeTypeInfo>>>,
-    /// Each executor's own listing, so one that hangs delays nothing the other lists.
-    listings: [Cached<Listing>; 2],
-}
-
-/// The executors whose `GET /v1/node-types` the catalog reads (an index into `listings`).
-#[derive(Debug, Clone, Copy)]
-enum Executor {
-    Atomic = 0,
-    Composite = 1,
+    /// The composite executor's listing, apart from the atomic ones so that one
+    /// that hangs delays nothing the other lists.
+    composite_listing: Cached<Listing>,
 }
 
 /// One source's answer and the single fetch that may replace it.
 #[derive(Debug)]
-struct Cached<T> {
-    value: Option<T>,
+pub(crate) struct Cached<T> {
+    pub(crate) value: Option<T>,
     /// When the last successful fetch ended.
-    fetched_at: Option<Instant>,
+    pub(crate) fetched_at: Option<Instant>,
     started_at: Option<Instant>,
-    in_flight: bool,
+    pub(crate) in_flight: bool,
     /// The last fetch could not reach the source.
-    unreachable: bool,
+    pub(crate) unreachable: bool,
 }
 
 impl<T> Default for Cached<T> {
@@ -101,7 +96,7 @@ impl<T> Default for Cached<T> {
 impl<T> Cached<T> {
     /// Claims the one fetch allowed if the answer is older than `max_age`, none is in
     /// flight and none started within [`MISS_REFETCH`]; the caller then starts it.
-    fn claim(&mut self, max_age: Duration) -> bool {
+    pub(crate) fn claim(&mut self, max_age: Duration) -> bool {
         let due = !self.in_flight
             && self.fetched_at.is_none_or(|t| t.elapsed() >= max_age)
             && self.started_at.is_none_or(|t| t.elapsed() >= MISS_REFETCH);
@@ -113,7 +108,7 @@ impl<T> Cached<T> {
     }
 
     /// No answer yet, but a fetch that may bring one is in flight.
-    fn first_answer_pending(&self) -> bool {
+    pub(crate) fn first_answer_pending(&self) -> bool {
         self.value.is_none() && self.in_flight
     }
 }
@@ -122,13 +117,13 @@ impl<T> Cached<T> {
 #[derive(Debug, Default)]
 struct Due {
     registry: Option<(String, String)>,
-    listings: [bool; 2],
+    composite_listing: bool,
 }
 
 impl NodeCatalog {
     pub fn new(
         registry: Option<NodeRegistryClient>,
-        atomic: Option<AtomicExecutorClient>,
+        atomic: Option<Arc<AtomicExecutors>>,
         composite: Option<CompositeExecutorClient>,
     ) -> Self {
         Self {
@@ -160,15 +155,24 @@ impl NodeCatalog {
         let deadline = tokio::time::Instant::now() + wait;
         // Subscribed before checking, so a fetch that ends in between still wakes us.
         let mut fetched = self.shared.fetched.subscribe();
+        let mut atomic_fetched = self.shared.atomic.as_ref().map(|a| a.subscribe());
         loop {
             let (best, pending) = self.check(node_type_ref);
             if !pending {
                 return best;
             }
-            if tokio::time::timeout_at(deadline, fetched.changed())
-                .await
-                .is_err()
-            {
+            let changed = async {
+                match &mut atomic_fetched {
+                    Some(atomic) => tokio::select! {
+                        _ = fetched.changed() => {}
+                        _ = atomic.changed() => {}
+                    },
+                    None => {
+                        let _ = fetched.changed().await;
+                    }
+                }
+            };
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return best;
             }
         }
@@ -182,10 +186,8 @@ impl NodeCatalog {
         if let Some(key) = due.registry {
             self.spawn(self.shared.clone().fetch_registry(key));
         }
-        for executor in [Executor::Atomic, Executor::Composite] {
-            if due.listings[executor as usize] {
-                self.spawn(self.shared.clone().fetch_listing(executor));
-            }
+        if due.composite_listing {
+            self.spawn(self.shared.clone().fetch_composite_listing());
         }
         answer
     }
@@ -224,24 +226,27 @@ impl Shared {
             pending |= entry.first_answer_pending();
             unreachable |= entry.unreachable;
         }
-        let configured = [self.atomic.is_some(), self.composite.is_some()];
-        let listed = state
-            .listings
-            .iter()
-            .zip(configured)
-            .filter(|(_, configured)| *configured)
-            .find_map(|(listing, _)| listing.value.as_ref().and_then(|l| find_listed(l, r)));
-        // A type nobody lists may have been added since: ask again soon, not after the TTL.
-        let max_age = if listed.is_some() { TTL } else { MISS_REFETCH };
-        for (i, listing) in state.listings.iter_mut().enumerate() {
-            if !configured[i] {
-                continue;
-            }
-            due.listings[i] = listing.claim(max_age);
+        // The atomic executors start their own fetches; they never wait either.
+        let atomic = self
+            .atomic
+            .as_ref()
+            .map(|a| a.lookup(r))
+            .unwrap_or_default();
+        unreachable |= atomic.unreachable;
+        let mut listed = atomic.listed;
+        if self.composite.is_some() {
+            let listing = &mut state.composite_listing;
+            listed = listed.or_else(|| listing.value.as_ref().and_then(|l| find_listed(l, r)));
+            // A type nobody lists may have been added since: ask again soon, not after the TTL.
+            let max_age = if listed.is_some() { TTL } else { MISS_REFETCH };
+            due.composite_listing = listing.claim(max_age);
             if listed.is_none() {
                 pending |= listing.in_flight;
             }
             unreachable |= listing.unreachable;
+        }
+        if listed.is_none() {
+            pending |= atomic.pending;
         }
         let best = listed.unwrap_or_else(|| NodeTypeInfo {
             kind: infer_kind(&r.node_type_id),
@@ -284,20 +289,14 @@ impl Shared {
         self.fetched.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    async fn fetch_listing(self: Arc<Self>, executor: Executor) {
-        let result = match executor {
-            Executor::Atomic => match &self.atomic {
-                Some(c) => c.node_types().await,
-                None => return,
-            },
-            Executor::Composite => match &self.composite {
-                Some(c) => c.node_types().await,
-                None => return,
-            },
+    async fn fetch_composite_listing(self: Arc<Self>) {
+        let Some(composite) = &self.composite else {
+            return;
         };
+        let result = composite.node_types().await;
         {
             let mut state = self.state.lock().unwrap();
-            let listing = &mut state.listings[executor as usize];
+            let listing = &mut state.composite_listing;
             listing.in_flight = false;
             listing.unreachable = matches!(result, Err(CallError::Transient { .. }));
             match result {
@@ -311,10 +310,10 @@ impl Shared {
                 }
                 // Keep what an unreachable executor listed before.
                 Err(CallError::Transient { reason, .. }) => {
-                    tracing::debug!(?executor, reason, "node types unavailable");
+                    tracing::debug!(reason, "composite node types unavailable");
                 }
                 Err(CallError::Terminal(error)) => {
-                    tracing::debug!(?executor, code = error.code, "node types refused");
+                    tracing::debug!(code = error.code, "composite node types refused");
                     listing.value = Some(Listing::new());
                     listing.fetched_at = Some(Instant::now());
                 }
@@ -324,7 +323,7 @@ impl Shared {
     }
 }
 
-fn find_listed(listed: &Listing, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
+pub(crate) fn find_listed(listed: &Listing, r: &NodeTypeRef) -> Option<NodeTypeInfo> {
     let versions = listed.get(&r.node_type_id)?;
     // The exact version's constraints apply; any version tells the kind.
     let exact = versions.iter().find(|t| t.version == r.version);

@@ -15,6 +15,10 @@ use serde::de::DeserializeOwned;
 
 /// The largest answer read from a peer; a larger one is refused, not buffered.
 const ANSWER_BYTES_MAX: usize = 64 << 20;
+/// The largest node type listing read from an executor.
+const LISTING_BYTES_MAX: usize = 16 << 20;
+/// Node types kept from one listing; the rest are dropped with a warning.
+pub const LISTING_TYPES_MAX: usize = 10_000;
 
 /// The services the coordinator calls, named in error codes and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +89,9 @@ impl CallError {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = read_body(resp, peer).await.unwrap_or_default();
+        let body = read_body(resp, peer, ANSWER_BYTES_MAX)
+            .await
+            .unwrap_or_default();
         let envelope = serde_json::from_slice::<PeerErrorEnvelope>(&body).ok();
         let transient = matches!(
             status,
@@ -170,21 +176,22 @@ async fn post_json<B: serde::Serialize, R: DeserializeOwned>(
     read_json(resp, peer).await
 }
 
-/// An answer's body, at most [`ANSWER_BYTES_MAX`]; a body cut short is transient.
-async fn read_body(mut resp: reqwest::Response, peer: Peer) -> Result<Vec<u8>, CallError> {
+/// An answer's body, at most `limit` bytes; a body cut short is transient.
+async fn read_body(
+    mut resp: reqwest::Response,
+    peer: Peer,
+    limit: usize,
+) -> Result<Vec<u8>, CallError> {
     let mut body = Vec::new();
     while let Some(chunk) = resp
         .chunk()
         .await
         .map_err(|e| CallError::from_reqwest(e, peer))?
     {
-        if body.len() + chunk.len() > ANSWER_BYTES_MAX {
+        if body.len() + chunk.len() > limit {
             return Err(CallError::terminal(
                 peer.bad_response_code(),
-                format!(
-                    "{} answered with more than {ANSWER_BYTES_MAX} bytes",
-                    peer.name()
-                ),
+                format!("{} answered with more than {limit} bytes", peer.name()),
             ));
         }
         body.extend_from_slice(&chunk);
@@ -199,7 +206,7 @@ async fn read_json<T: DeserializeOwned>(
     resp: reqwest::Response,
     peer: Peer,
 ) -> Result<T, CallError> {
-    let body = read_body(resp, peer).await?;
+    let body = read_body(resp, peer, ANSWER_BYTES_MAX).await?;
     let mut de = serde_json::Deserializer::from_slice(&body);
     serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
@@ -252,6 +259,28 @@ impl AtomicExecutorClient {
 
     pub async fn node_types(&self) -> Result<Vec<NodeType>, CallError> {
         list_node_types(&self.http, &self.base_url, Peer::AtomicExecutor).await
+    }
+
+    /// `GET /v1/health` within `timeout`: any answer below 500 means the executor
+    /// is alive (one without the route answers 404); 5xx, no connection or no
+    /// answer in time means it is not.
+    pub async fn health(&self, timeout: Duration) -> Result<(), CallError> {
+        let peer = Peer::AtomicExecutor;
+        let resp = self
+            .http
+            .request(Method::GET, format!("{}/v1/health", self.base_url), peer)
+            .await?
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| CallError::from_reqwest(e, peer))?;
+        if resp.status().is_server_error() {
+            return Err(CallError::Transient {
+                reason: format!("{} health answered {}", peer.name(), resp.status()),
+                retry_after: None,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -328,8 +357,40 @@ async fn list_node_types(
     if !resp.status().is_success() {
         return Err(CallError::from_status(resp, peer, "node_types_unavailable").await);
     }
-    let types: Vec<PeerNodeType> = read_json(resp, peer).await?;
-    Ok(types.into_iter().map(Into::into).collect())
+    let body = read_body(resp, peer, LISTING_BYTES_MAX).await?;
+    parse_listing(&body, peer).map_err(|message| {
+        tracing::warn!(service = peer.name(), error = %message, "unusable node type listing");
+        CallError::terminal(peer.bad_response_code(), message)
+    })
+}
+
+/// A listing read liberally: an entry we cannot use is skipped (and logged with its
+/// field), not the whole listing; at most [`LISTING_TYPES_MAX`] entries are kept.
+fn parse_listing(body: &[u8], peer: Peer) -> Result<Vec<NodeType>, String> {
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|err| {
+        format!(
+            "{} sent a node type listing we cannot use: {err}",
+            peer.name()
+        )
+    })?;
+    if entries.len() > LISTING_TYPES_MAX {
+        tracing::warn!(
+            service = peer.name(),
+            listed = entries.len(),
+            kept = LISTING_TYPES_MAX,
+            "node type listing too long; the rest is ignored"
+        );
+    }
+    let mut types = Vec::with_capacity(entries.len().min(LISTING_TYPES_MAX));
+    for (i, entry) in entries.into_iter().take(LISTING_TYPES_MAX).enumerate() {
+        match serde_path_to_error::deserialize::<_, PeerNodeType>(entry) {
+            Ok(t) => types.push(t.into()),
+            Err(err) => {
+                tracing::warn!(service = peer.name(), entry = i, field = %err.path(), error = %err.inner(), "node type entry skipped");
+            }
+        }
+    }
+    Ok(types)
 }
 
 /// `GET /v1/node-types/{id}?version=` of a Node Registry.
@@ -397,5 +458,30 @@ impl PdpClient {
         )
         .await
         .map(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_keeps_what_it_can_read_and_at_most_the_bound() {
+        let body = serde_json::json!([
+            {"node_type_id": "a", "version": "1", "kind": "atomic", "vendor": {"x": 1}},
+            {"node_type_id": "b", "version": "1"},
+            {"node_type_id": "c", "version": "2", "kind": "composite", "extensions": {"plain": 1}},
+        ]);
+        let types = parse_listing(body.to_string().as_bytes(), Peer::AtomicExecutor).unwrap();
+        let ids: Vec<_> = types.iter().map(|t| t.node_type_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+
+        let many: Vec<_> = (0..LISTING_TYPES_MAX + 5)
+            .map(|i| serde_json::json!({"node_type_id": format!("n{i}"), "version": "1", "kind": "atomic"}))
+            .collect();
+        let body = serde_json::to_vec(&many).unwrap();
+        let types = parse_listing(&body, Peer::AtomicExecutor).unwrap();
+        assert_eq!(types.len(), LISTING_TYPES_MAX);
+        assert!(parse_listing(b"{\"not\": \"a list\"}", Peer::AtomicExecutor).is_err());
     }
 }

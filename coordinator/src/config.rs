@@ -3,14 +3,30 @@
 use anyhow::Context as _;
 use jarvis_auth::{AuthSettings, OutboundAuth};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
 
+use crate::executors::Probing;
+
+/// Where `--help` lists the variable names of the Python services, read when the
+/// JARVIS_* name (or its flag) is not set.
+const FALLBACKS: &str = "Fallbacks (older variable names, used when the one above is unset)";
+
 /// The ARP Run Coordinator: durable runs in SQLite, dispatched to atomic and composite executors.
+///
+/// Every flag can be set by the environment variable named with it; for the executor,
+/// registry and PDP URLs and the policy profile the Python services' names work too
+/// (listed under Fallbacks), resolved in `Config::from_args`.
 #[derive(Debug, Parser)]
-#[command(name = "jarvis-run-coordinator", version)]
+#[command(
+    name = "jarvis-run-coordinator",
+    version,
+    after_help = "Inbound authentication is configured by the ARP_AUTH_* variables and \
+                  outbound tokens by ARP_AUTH_CLIENT_ID/ARP_AUTH_CLIENT_SECRET/ARP_AUTH_TOKEN_ENDPOINT \
+                  and JARVIS_*_AUDIENCE, as in every JARVIS service (see the repository README)."
+)]
 pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "JARVIS_RUN_COORDINATOR_HOST", default_value = "127.0.0.1")]
@@ -22,26 +38,32 @@ pub struct Args {
     /// Default: $XDG_DATA_HOME/jarvis/run-coordinator.sqlite3 (or ~/.local/share/...).
     #[arg(long, env = "JARVIS_RUN_COORDINATOR_DB")]
     pub db: Option<PathBuf>,
-    /// Atomic Executor base URL (fallback: ARP_ATOMIC_EXECUTOR_URL).
-    #[arg(long, env = "JARVIS_ATOMIC_EXECUTOR_URL")]
+    /// Atomic Executor base URL, or a comma-separated list of them. A NodeRun goes to
+    /// the executors whose `GET /v1/node-types` lists its node type and version, the
+    /// least busy first; one that fails, answers 5xx or stops answering leaves the
+    /// rotation within seconds and returns when its `GET /v1/health` answers again.
+    #[arg(long, env = "JARVIS_ATOMIC_EXECUTOR_URL", value_name = "URL[,URL...]")]
     pub atomic_executor_url: Option<String>,
-    /// Composite Executor base URL (fallback: ARP_COMPOSITE_EXECUTOR_URL).
-    #[arg(long, env = "JARVIS_COMPOSITE_EXECUTOR_URL")]
+    /// Composite Executor base URL.
+    #[arg(long, env = "JARVIS_COMPOSITE_EXECUTOR_URL", value_name = "URL")]
     pub composite_executor_url: Option<String>,
-    /// Node Registry base URL, used to resolve node kinds and constraints (fallback: ARP_NODE_REGISTRY_URL).
-    #[arg(long, env = "JARVIS_NODE_REGISTRY_URL")]
+    /// Node Registry base URL, used to resolve node kinds and constraints.
+    #[arg(long, env = "JARVIS_NODE_REGISTRY_URL", value_name = "URL")]
     pub node_registry_url: Option<String>,
-    /// Policy Decision Point base URL (fallback: ARP_PDP_URL). Without one, policy denies
-    /// unless the profile is `dev-allow`.
-    #[arg(long, env = "JARVIS_PDP_URL")]
+    /// Policy Decision Point base URL. Without one, policy denies unless the profile
+    /// is `dev-allow`.
+    #[arg(long, env = "JARVIS_PDP_URL", value_name = "URL")]
     pub pdp_url: Option<String>,
     /// Policy profile used when no PDP is configured: `dev-allow` allows everything.
     #[arg(long, env = "JARVIS_POLICY_PROFILE")]
     pub policy_profile: Option<String>,
-    /// URL at which composite executors reach this coordinator (fallback:
-    /// JARVIS_RUN_COORDINATOR_URL, then http://HOST:PORT).
-    #[arg(long, env = "JARVIS_RUN_COORDINATOR_PUBLIC_URL")]
+    /// URL at which composite executors reach this coordinator (default:
+    /// http://HOST:PORT as bound).
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<String>,
+    /// Log filter: `info`, `debug`, `jarvis_run_coordinator=debug`, ...
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
     /// Dispatch new NodeRuns automatically (`false` leaves them queued).
     #[arg(
         long,
@@ -71,6 +93,25 @@ pub struct Args {
         default_value = "flush"
     )]
     pub durability: Durability,
+
+    /// Fallback of --atomic-executor-url (a URL or comma-separated list).
+    #[arg(long, env = "ARP_ATOMIC_EXECUTOR_URL", value_name = "URL[,URL...]", help_heading = FALLBACKS)]
+    pub arp_atomic_executor_url: Option<String>,
+    /// Fallback of --composite-executor-url.
+    #[arg(long, env = "ARP_COMPOSITE_EXECUTOR_URL", value_name = "URL", help_heading = FALLBACKS)]
+    pub arp_composite_executor_url: Option<String>,
+    /// Fallback of --node-registry-url.
+    #[arg(long, env = "ARP_NODE_REGISTRY_URL", value_name = "URL", help_heading = FALLBACKS)]
+    pub arp_node_registry_url: Option<String>,
+    /// Fallback of --pdp-url.
+    #[arg(long, env = "ARP_PDP_URL", value_name = "URL", help_heading = FALLBACKS)]
+    pub arp_pdp_url: Option<String>,
+    /// Legacy policy switch: `allow_all` acts as `--policy-profile dev-allow`.
+    #[arg(long, env = "ARP_POLICY_MODE", help_heading = FALLBACKS)]
+    pub arp_policy_mode: Option<String>,
+    /// Fallback of --public-url.
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_URL", value_name = "URL", help_heading = FALLBACKS)]
+    pub run_coordinator_url: Option<String>,
 }
 
 /// How long terminal runs are kept; `None` keeps them forever.
@@ -117,6 +158,8 @@ pub struct Timing {
     /// How long after its deadline an open NodeRun is failed by the poller (the
     /// executor enforces the wall time itself and normally reports first).
     pub deadline_grace: Duration,
+    /// Health probes of the atomic executors.
+    pub probing: Probing,
 }
 
 impl Default for Timing {
@@ -124,6 +167,7 @@ impl Default for Timing {
         Self {
             poll_interval: Duration::from_millis(500),
             deadline_grace: Duration::from_secs(10),
+            probing: Probing::default(),
         }
     }
 }
@@ -133,7 +177,8 @@ impl Default for Timing {
 pub struct Config {
     pub listen: String,
     pub db_path: PathBuf,
-    pub atomic_executor_url: Option<String>,
+    /// Empty when none is configured: atomic NodeRuns then fail `atomic_executor_unconfigured`.
+    pub atomic_executor_urls: Vec<String>,
     pub composite_executor_url: Option<String>,
     pub node_registry_url: Option<String>,
     pub pdp_url: Option<String>,
@@ -162,21 +207,39 @@ pub enum LocalPolicy {
     DenyAll,
 }
 
+/// The first value that is set and not blank: a flag or variable, then its fallback.
+fn either(primary: Option<String>, fallback: Option<String>) -> Option<String> {
+    primary
+        .filter(|v| !v.trim().is_empty())
+        .or(fallback.filter(|v| !v.trim().is_empty()))
+}
+
 impl Config {
+    /// Validates the arguments, with authentication from the `ARP_AUTH_*` variables.
     pub fn from_args(args: Args) -> anyhow::Result<Self> {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let url = |primary: Option<String>, fallback: &str| {
-            primary
-                .filter(|v| !v.trim().is_empty())
-                .or_else(|| env(fallback))
-                .map(|u| normalize_url(&u))
-        };
+        let auth = AuthSettings::from_env().context("authentication")?;
+        let outbound = OutboundAuth::from_env().context("outbound authentication")?;
+        Self::from_args_with(args, (auth, outbound))
+    }
+
+    /// Validates the arguments; every fallback is resolved here.
+    pub fn from_args_with(
+        args: Args,
+        (auth, outbound): (AuthSettings, OutboundAuth),
+    ) -> anyhow::Result<Self> {
+        let url = |primary, fallback| either(primary, fallback).map(|u| normalize_url(&u));
+        let atomic_executor_urls =
+            match either(args.atomic_executor_url, args.arp_atomic_executor_url) {
+                Some(list) => parse_url_list(&list).context("--atomic-executor-url")?,
+                None => Vec::new(),
+            };
         let profile = args
             .policy_profile
             .unwrap_or_default()
             .trim()
             .to_ascii_lowercase();
-        let legacy = env("ARP_POLICY_MODE")
+        let legacy = args
+            .arp_policy_mode
             .unwrap_or_default()
             .trim()
             .to_ascii_lowercase();
@@ -199,12 +262,15 @@ impl Config {
         Ok(Self {
             listen,
             db_path: args.db.unwrap_or_else(default_db_path),
-            atomic_executor_url: url(args.atomic_executor_url, "ARP_ATOMIC_EXECUTOR_URL"),
-            composite_executor_url: url(args.composite_executor_url, "ARP_COMPOSITE_EXECUTOR_URL"),
-            node_registry_url: url(args.node_registry_url, "ARP_NODE_REGISTRY_URL"),
-            pdp_url: url(args.pdp_url, "ARP_PDP_URL"),
+            atomic_executor_urls,
+            composite_executor_url: url(
+                args.composite_executor_url,
+                args.arp_composite_executor_url,
+            ),
+            node_registry_url: url(args.node_registry_url, args.arp_node_registry_url),
+            pdp_url: url(args.pdp_url, args.arp_pdp_url),
             policy,
-            public_url: url(args.public_url, "JARVIS_RUN_COORDINATOR_URL"),
+            public_url: url(args.public_url, args.run_coordinator_url),
             auto_dispatch,
             node_run_timeout: args.node_run_timeout,
             dispatch_concurrency: args.dispatch_concurrency,
@@ -212,9 +278,35 @@ impl Config {
             retention: args.retention.0,
             durability: args.durability,
             timing: Timing::default(),
-            auth: AuthSettings::from_env().context("authentication")?,
-            outbound: OutboundAuth::from_env().context("outbound authentication")?,
+            auth,
+            outbound,
         })
+    }
+
+    /// What tests and benches start from: port 0 on 127.0.0.1, the database at
+    /// `db_path`, no peers, `dev-allow` policy, authentication off, a 60 s NodeRun
+    /// timeout; the rest as the binary's defaults. Nothing is read from the environment.
+    pub fn for_tests(db_path: &Path) -> Self {
+        let (auth, outbound) = Self::insecure_auth();
+        Self {
+            listen: "127.0.0.1:0".into(),
+            db_path: db_path.to_owned(),
+            atomic_executor_urls: Vec::new(),
+            composite_executor_url: None,
+            node_registry_url: None,
+            pdp_url: None,
+            policy: LocalPolicy::AllowAll,
+            public_url: None,
+            auto_dispatch: true,
+            node_run_timeout: Duration::from_secs(60),
+            dispatch_concurrency: 256,
+            lease: Duration::from_secs(15),
+            retention: None,
+            durability: Durability::Flush,
+            timing: Timing::default(),
+            auth,
+            outbound,
+        }
     }
 
     /// Authentication off both ways, as `ARP_AUTH_PROFILE=dev-insecure` (tests, benches).
@@ -235,6 +327,25 @@ impl Config {
             format!("http://{host}:{}", bound.port())
         })
     }
+}
+
+/// A comma-separated list of http(s) base URLs, each normalized, duplicates dropped.
+pub fn parse_url_list(list: &str) -> anyhow::Result<Vec<String>> {
+    let mut urls: Vec<String> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let url = normalize_url(item);
+        let parsed = reqwest::Url::parse(&url).with_context(|| format!("`{item}`"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            anyhow::bail!("`{item}` is not an http(s) URL");
+        }
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
+    if urls.is_empty() {
+        anyhow::bail!("no URL in `{list}`");
+    }
+    Ok(urls)
 }
 
 /// Strips whitespace, a trailing slash and a trailing `/v1`, as the Python services do.
@@ -283,5 +394,78 @@ mod tests {
             normalize_url("http://127.0.0.1:8082"),
             "http://127.0.0.1:8082"
         );
+    }
+
+    #[test]
+    fn the_atomic_executor_url_takes_a_comma_separated_list() {
+        assert_eq!(
+            parse_url_list(
+                " http://127.0.0.1:8082/v1/ ,, http://10.0.0.2:8082,http://127.0.0.1:8082"
+            )
+            .unwrap(),
+            ["http://127.0.0.1:8082", "http://10.0.0.2:8082"]
+        );
+        assert!(parse_url_list("ftp://127.0.0.1").is_err());
+        assert!(parse_url_list("127.0.0.1:8082").is_err());
+        assert!(parse_url_list(" , ").is_err());
+    }
+
+    #[test]
+    fn a_fallback_is_used_only_when_its_primary_is_unset() {
+        let parse = |argv: &[&str]| {
+            let args = Args::parse_from(["jarvis-run-coordinator"].iter().chain(argv));
+            Config::from_args_with(args, Config::insecure_auth()).unwrap()
+        };
+        let config = parse(&["--arp-atomic-executor-url", "http://a:1,http://b:2/v1"]);
+        assert_eq!(config.atomic_executor_urls, ["http://a:1", "http://b:2"]);
+        let config = parse(&[
+            "--atomic-executor-url",
+            "http://c:3",
+            "--arp-atomic-executor-url",
+            "http://a:1",
+            "--arp-pdp-url",
+            "http://pdp:9/",
+            "--run-coordinator-url",
+            "http://me:8081",
+        ]);
+        assert_eq!(config.atomic_executor_urls, ["http://c:3"]);
+        assert_eq!(config.pdp_url.as_deref(), Some("http://pdp:9"));
+        assert_eq!(config.public_url.as_deref(), Some("http://me:8081"));
+        let config = parse(&["--pdp-url", " ", "--arp-pdp-url", "http://pdp:9"]);
+        assert_eq!(config.pdp_url.as_deref(), Some("http://pdp:9"));
+        let config = parse(&["--arp-policy-mode", "allow_all"]);
+        assert_eq!(config.policy, LocalPolicy::AllowAll);
+    }
+
+    /// Every variable named in the README's Configuration section, as `--help` must list it.
+    fn readme_variables() -> Vec<String> {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## Configuration")
+            .expect("a Configuration section");
+        let section = &readme[start..];
+        let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+        let mut names: Vec<String> = section
+            .split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .filter(|w| w.contains('_') && w.len() > 3 && !w.starts_with('_') && !w.ends_with('_'))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn help_names_every_variable_the_readme_documents() {
+        use clap::CommandFactory as _;
+        let help = Args::command().render_long_help().to_string();
+        let names = readme_variables();
+        assert!(names.len() >= 20, "{names:?}");
+        for name in &names {
+            assert!(
+                help.contains(name.as_str()),
+                "--help does not name {name}:\n{help}"
+            );
+        }
     }
 }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{NodeCatalog, NodeTypeInfo};
-use crate::clients::{AtomicExecutorClient, CompositeExecutorClient};
+use crate::clients::CompositeExecutorClient;
 use crate::config::Config;
 use crate::constraints;
 use crate::dispatch::{self, Admission};
@@ -50,7 +50,7 @@ pub struct Coordinator {
     pub config: Config,
     pub catalog: NodeCatalog,
     pub policy: Policy,
-    pub atomic: Option<AtomicExecutorClient>,
+    pub atomic: Option<Arc<crate::executors::AtomicExecutors>>,
     pub composite: Option<CompositeExecutorClient>,
     /// Where composite executors call back.
     pub public_url: String,

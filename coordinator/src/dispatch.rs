@@ -496,7 +496,7 @@ impl Admission {
         decision: PolicyDecision,
     ) -> Self {
         let endpoint = match kind {
-            NodeKind::Atomic => coord.atomic.as_ref().map(|c| c.base_url.clone()).ok_or((
+            NodeKind::Atomic => coord.atomic.as_ref().map(|c| c.endpoint()).ok_or((
                 "atomic_executor_unconfigured",
                 "Atomic Executor is not configured",
             )),

@@ -17,6 +17,7 @@
 //! - [`store`]: the SQLite store with its group-committing writer thread.
 //! - [`catalog`]: node kind resolution (registry, executors, prefix).
 //! - [`policy`]: PDP calls and the local deny/`dev-allow` fallback.
+//! - [`executors`]: several atomic executors: listings, health, routing, failover.
 //! - [`clients`]: HTTP clients of the other services, failures classified.
 //! - [`error`]: the API error type and its ARP `ErrorEnvelope`.
 
@@ -29,6 +30,7 @@ pub mod coordinator;
 pub mod dispatch;
 pub mod error;
 pub mod events;
+pub mod executors;
 pub mod policy;
 pub mod store;
 
@@ -40,11 +42,10 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::catalog::NodeCatalog;
-use crate::clients::{
-    AtomicExecutorClient, CompositeExecutorClient, Http, NodeRegistryClient, PdpClient,
-};
+use crate::clients::{CompositeExecutorClient, Http, NodeRegistryClient, PdpClient};
 use crate::config::Config;
 use crate::coordinator::Coordinator;
+use crate::executors::AtomicExecutors;
 use crate::policy::Policy;
 use crate::store::{CommitHooks, Store};
 
@@ -79,10 +80,13 @@ impl Server {
             .build()?;
         let outbound = |target| Http::new(http.clone(), config.outbound.clone(), target);
         let auth = jarvis_auth::Authenticator::new(config.auth.clone())?;
-        let atomic = config
-            .atomic_executor_url
-            .clone()
-            .map(|u| AtomicExecutorClient::new(u, outbound(TargetService::AtomicExecutor)));
+        let atomic = (!config.atomic_executor_urls.is_empty()).then(|| {
+            Arc::new(AtomicExecutors::new(
+                &config.atomic_executor_urls,
+                &outbound(TargetService::AtomicExecutor),
+                config.timing.probing,
+            ))
+        });
         let composite = config
             .composite_executor_url
             .clone()
@@ -118,7 +122,8 @@ impl Server {
         })
     }
 
-    /// Serves until `shutdown` resolves, then stops the dispatcher's background loops.
+    /// Serves until `shutdown` resolves, then stops the dispatcher's background loops
+    /// and the executors' probes.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -131,6 +136,7 @@ impl Server {
                 tracing::debug!(error = %err, "TCP_NODELAY not set on an accepted connection");
             }
         });
+        let coordinator = self.coordinator.clone();
         let served = axum::serve(
             listener,
             api::router(self.coordinator).layer(self.auth.layer()),
@@ -138,6 +144,9 @@ impl Server {
         .with_graceful_shutdown(shutdown)
         .await;
         self.background.stop().await;
+        if let Some(atomic) = &coordinator.atomic {
+            atomic.shutdown().await;
+        }
         served
     }
 }

@@ -13,13 +13,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
-            EnvFilter::try_from_env("LOG_LEVEL").or_else(|_| EnvFilter::try_new("info"))?,
+            EnvFilter::try_new(&args.log_level)
+                .with_context(|| format!("--log-level / LOG_LEVEL `{}`", args.log_level))?,
         )
         .init();
-    let config = Config::from_args(Args::parse())?;
+    let config = Config::from_args(args)?;
     let server = Server::bind(config)
         .await
         .context("starting the run coordinator")?;
@@ -33,6 +35,11 @@ async fn main() -> anyhow::Result<()> {
 fn log_startup(server: &Server) {
     let config = &server.coordinator.config;
     let or_none = |url: &Option<String>| url.clone().unwrap_or_else(|| "none".to_owned());
+    let atomic_executors = if config.atomic_executor_urls.is_empty() {
+        "none".to_owned()
+    } else {
+        config.atomic_executor_urls.join(",")
+    };
     let pdp = match (&config.pdp_url, &config.policy) {
         (Some(url), _) => url.clone(),
         (None, LocalPolicy::AllowAll) => "none (dev-allow: every decision allows)".to_owned(),
@@ -41,7 +48,7 @@ fn log_startup(server: &Server) {
     tracing::info!(
         addr = %server.addr,
         db = %config.db_path.display(),
-        atomic_executor = %or_none(&config.atomic_executor_url),
+        atomic_executors = %atomic_executors,
         composite_executor = %or_none(&config.composite_executor_url),
         node_registry = %or_none(&config.node_registry_url),
         pdp = %pdp,
@@ -49,6 +56,14 @@ fn log_startup(server: &Server) {
         outbound_auth = config.outbound.is_enabled(),
         "run coordinator listening"
     );
+    if let Some(atomic) = &server.coordinator.atomic {
+        tracing::info!(
+            count = atomic.urls().len(),
+            executors = %atomic.urls().join(", "),
+            probe_interval = ?config.timing.probing.interval,
+            "atomic executors: NodeRuns go to those listing their node type, the least busy first"
+        );
+    }
 }
 
 /// Open requests (event streams follow runs for as long as they last) get this long to finish.

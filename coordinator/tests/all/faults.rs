@@ -116,6 +116,7 @@ fn fast_options(executor_url: &str) -> Options {
         timing: Some(Timing {
             poll_interval: Duration::from_millis(100),
             deadline_grace: Duration::from_millis(500),
+            ..Timing::default()
         }),
         ..Options::default()
     }

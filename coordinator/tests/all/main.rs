@@ -5,6 +5,7 @@
 
 mod api;
 mod e2e;
+mod executors;
 mod faults;
 mod latency;
 mod peers;

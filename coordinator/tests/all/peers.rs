@@ -145,7 +145,7 @@ async fn decide(State(s): State<Arc<StandIn>>) -> axum::response::Response {
 fn all_peers(url: &str) -> impl FnOnce(&mut Config) {
     let url = url.to_owned();
     move |c: &mut Config| {
-        c.atomic_executor_url = Some(url.clone());
+        c.atomic_executor_urls = vec![url.clone()];
         c.composite_executor_url = Some(url.clone());
         c.node_registry_url = Some(url.clone());
         c.pdp_url = Some(url);

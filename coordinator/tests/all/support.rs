@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use jarvis_run_coordinator::Server;
-use jarvis_run_coordinator::config::{Config, Durability, LocalPolicy, Timing};
+use jarvis_run_coordinator::config::{Config, LocalPolicy, Timing, parse_url_list};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -25,6 +25,7 @@ pub fn client() -> reqwest::Client {
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
+    /// One URL or a comma-separated list, as `--atomic-executor-url` takes.
     pub atomic_executor_url: Option<String>,
     pub composite_executor_url: Option<String>,
     pub deny_by_default: bool,
@@ -38,29 +39,27 @@ pub struct Options {
 }
 
 pub fn config(db: &Path, opts: &Options) -> Config {
-    Config {
-        listen: "127.0.0.1:0".into(),
-        db_path: db.to_owned(),
-        atomic_executor_url: opts.atomic_executor_url.clone(),
-        composite_executor_url: opts.composite_executor_url.clone(),
-        node_registry_url: None,
-        pdp_url: opts.pdp_url.clone(),
-        policy: if opts.deny_by_default {
-            LocalPolicy::DenyAll
-        } else {
-            LocalPolicy::AllowAll
-        },
-        public_url: None,
-        auto_dispatch: !opts.no_auto_dispatch,
-        node_run_timeout: opts.node_run_timeout.unwrap_or(Duration::from_secs(60)),
-        dispatch_concurrency: 256,
-        lease: opts.lease.unwrap_or(Duration::from_secs(15)),
-        retention: opts.retention,
-        durability: Durability::Flush,
-        timing: opts.timing.unwrap_or_default(),
-        auth: Config::insecure_auth().0,
-        outbound: Config::insecure_auth().1,
+    let mut config = Config::for_tests(db);
+    if let Some(urls) = &opts.atomic_executor_url {
+        config.atomic_executor_urls = parse_url_list(urls).unwrap();
     }
+    config.composite_executor_url = opts.composite_executor_url.clone();
+    config.pdp_url = opts.pdp_url.clone();
+    if opts.deny_by_default {
+        config.policy = LocalPolicy::DenyAll;
+    }
+    config.auto_dispatch = !opts.no_auto_dispatch;
+    if let Some(timeout) = opts.node_run_timeout {
+        config.node_run_timeout = timeout;
+    }
+    if let Some(lease) = opts.lease {
+        config.lease = lease;
+    }
+    config.retention = opts.retention;
+    if let Some(timing) = opts.timing {
+        config.timing = timing;
+    }
+    config
 }
 
 /// A coordinator served in-process; stops when dropped.
