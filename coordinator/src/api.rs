@@ -107,7 +107,7 @@ async fn get_run(
     if segment.contains(':') {
         return Err(method_not_allowed_error());
     }
-    Ok(json(StatusCode::OK, &coord.get_run(&segment)?))
+    Ok(json(StatusCode::OK, &coord.get_run(&segment).await?))
 }
 
 async fn run_action(
@@ -135,7 +135,7 @@ async fn get_node_run(
     if segment.contains(':') {
         return Err(method_not_allowed_error());
     }
-    Ok(json(StatusCode::OK, &coord.get_node_run(&segment)?))
+    Ok(json(StatusCode::OK, &coord.get_node_run(&segment).await?))
 }
 
 async fn node_run_action(
@@ -183,7 +183,7 @@ async fn run_events(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (after_seq, follow) = stream_options(&query)?;
-    coord.ensure_run(&run_id)?;
+    coord.ensure_run(&run_id).await?;
     Ok(ndjson(
         coord,
         StreamRequest {
@@ -201,7 +201,7 @@ async fn node_run_events(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (after_seq, follow) = stream_options(&query)?;
-    let node_run = coord.get_node_run(&node_run_id)?;
+    let node_run = coord.get_node_run(&node_run_id).await?;
     let req = StreamRequest {
         run_id: node_run.run_id,
         scope: Scope::NodeRun(node_run_id),

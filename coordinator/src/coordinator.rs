@@ -23,7 +23,7 @@ use crate::constraints;
 use crate::dispatch::{self, Admission};
 use crate::error::ApiError;
 use crate::policy::{self, Policy, PolicySubject};
-use crate::store::{NodeRunRow, Store, StoreError, Tx, now_ms};
+use crate::store::{ExecutorCancel, Lease, NodeRunRow, RunTx, Store, StoreError, now_ms};
 
 /// Extension keys the coordinator owns on Runs and NodeRuns.
 pub mod ext {
@@ -55,13 +55,8 @@ pub struct Coordinator {
     /// Where composite executors call back.
     pub public_url: String,
     pub watchers: Arc<crate::events::RunWatchers>,
-}
-
-/// A NodeRun whose executor must be told to stop, once the transaction has committed.
-#[derive(Debug, Clone)]
-pub struct ExecutorCancel {
-    pub node_run_id: String,
-    pub kind: Option<NodeKind>,
+    /// Who holds the leases this process takes (one id per process).
+    pub lease_owner: Arc<str>,
 }
 
 /// How a NodeRun ends.
@@ -140,7 +135,7 @@ impl Coordinator {
         let refusal = admission.as_ref().and_then(Admission::refusal);
         let deadline_at = self.deadline_for(root_constraints.as_ref());
         let lease = (allowed && self.config.auto_dispatch && refusal.is_none())
-            .then_some(self.config.lease);
+            .then(|| (self.lease_owner.clone(), self.config.lease));
         let now = now_rfc3339();
         let client_extensions = strip_owned(req.extensions.clone());
 
@@ -185,7 +180,7 @@ impl Coordinator {
         let (run, cancels) = self
             .store
             .write(move |tx| -> Result<_, ApiError> {
-                if crate::store::run_is_terminal(tx.conn(), &run.run_id)?.is_some() {
+                if tx.run_terminal(&run.run_id)?.is_some() {
                     return Err(ApiError::conflict(
                         "run_already_exists",
                         format!("Run '{}' already exists", run.run_id),
@@ -198,7 +193,8 @@ impl Coordinator {
                     RunEventType::RunStarted,
                     Some(obj([("root_node_run_id", json!(root_id))])),
                 )?;
-                tx.insert_node_run(&root, 0, deadline_at, lease.map(lease_until))?;
+                let lease = lease.map(|(owner, duration)| Lease::from_now(&owner, duration));
+                tx.insert_node_run(&root, 0, deadline_at, lease.as_ref())?;
                 tx.append_event(
                     &run.run_id,
                     Some(&root_id),
@@ -236,18 +232,15 @@ impl Coordinator {
         Ok(run)
     }
 
-    pub fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
-        self.store.get_run(run_id)?.ok_or_else(|| {
+    pub async fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
+        self.store.run(run_id).await?.ok_or_else(|| {
             ApiError::not_found("run_not_found", format!("Run '{run_id}' not found"))
         })
     }
 
     /// `run_not_found` unless the run exists (without reading its body).
-    pub fn ensure_run(&self, run_id: &str) -> Result<(), ApiError> {
-        match self
-            .store
-            .read(|c| crate::store::run_is_terminal(c, run_id))?
-        {
+    pub async fn ensure_run(&self, run_id: &str) -> Result<(), ApiError> {
+        match self.store.run_terminal(run_id).await? {
             Some(_) => Ok(()),
             None => Err(ApiError::not_found(
                 "run_not_found",
@@ -256,8 +249,8 @@ impl Coordinator {
         }
     }
 
-    pub fn get_node_run(&self, node_run_id: &str) -> Result<NodeRun, ApiError> {
-        let row = self.store.get_node_run(node_run_id)?;
+    pub async fn get_node_run(&self, node_run_id: &str) -> Result<NodeRun, ApiError> {
+        let row = self.store.node_run(node_run_id).await?;
         row.map(|r| r.node_run).ok_or_else(|| {
             ApiError::not_found(
                 "node_run_not_found",
@@ -307,10 +300,11 @@ impl Coordinator {
         }
         // Cheap checks first so a bad request costs no catalog lookups; the
         // transaction below checks everything again against committed state.
-        let run = self.get_run(&req.run_id)?;
+        let run = self.get_run(&req.run_id).await?;
         let parent = self
             .store
-            .get_node_run(&req.parent_node_run_id)?
+            .node_run(&req.parent_node_run_id)
+            .await?
             .ok_or_else(|| {
                 ApiError::not_found(
                     "parent_node_run_not_found",
@@ -338,7 +332,10 @@ impl Coordinator {
             .iter()
             .map(|s| self.catalog.lookup(&s.node_type_ref));
         let infos: Vec<NodeTypeInfo> = futures_util::future::join_all(lookups).await;
-        let lease = self.config.auto_dispatch.then_some(self.config.lease);
+        let lease = self
+            .config
+            .auto_dispatch
+            .then(|| (self.lease_owner.clone(), self.config.lease));
         let default_timeout = self.config.node_run_timeout;
 
         self.store
@@ -448,11 +445,6 @@ impl Coordinator {
     }
 }
 
-/// When a lease of `lease` taken now runs out, in ms since the epoch.
-pub fn lease_until(lease: Duration) -> i64 {
-    now_ms().saturating_add(lease.as_millis().min(i64::MAX as u128 / 2) as i64)
-}
-
 fn deadline_for(constraints: Option<&ConstraintEnvelope>, default_timeout: Duration) -> i64 {
     let budget = constraints
         .and_then(ConstraintEnvelope::max_wall_time_ms)
@@ -461,11 +453,11 @@ fn deadline_for(constraints: Option<&ConstraintEnvelope>, default_timeout: Durat
 }
 
 fn create_node_runs_in_tx(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn RunTx,
     req: NodeRunsCreateRequest,
     parent_kind: Option<NodeKind>,
     infos: Vec<NodeTypeInfo>,
-    lease: Option<Duration>,
+    lease: Option<(Arc<str>, Duration)>,
     default_timeout: Duration,
 ) -> Result<NodeRunsCreateResponse, ApiError> {
     let run = tx.run(&req.run_id)?.ok_or_else(|| {
@@ -621,8 +613,10 @@ fn create_node_runs_in_tx(
     tx.update_node_run(&parent)?;
 
     for (node_run, deadline_at) in &new_runs {
-        let lease = lease.map(lease_until);
-        tx.insert_node_run(node_run, parent_row.depth + 1, *deadline_at, lease)?;
+        let lease = lease
+            .as_ref()
+            .map(|(owner, duration)| Lease::from_now(owner, *duration));
+        tx.insert_node_run(node_run, parent_row.depth + 1, *deadline_at, lease.as_ref())?;
         let id = Some(node_run.node_run_id.as_str());
         tx.append_event(
             &run.run_id,
@@ -664,7 +658,7 @@ fn create_node_runs_in_tx(
 /// Ends a NodeRun: state, outputs, `atomic_executed`, and when it is the root,
 /// the Run's end (`run_completed`) and the cancellation of whatever is still open.
 pub fn complete_in_tx(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn RunTx,
     mut node_run: NodeRun,
     completion: Completion,
 ) -> Result<Vec<ExecutorCancel>, StoreError> {
@@ -713,7 +707,7 @@ pub fn complete_in_tx(
 
 /// Records an evaluation (and recovery hint) with its events.
 pub fn evaluate_in_tx(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn RunTx,
     mut node_run: NodeRun,
     evaluation: EvaluationResult,
     recovery: Option<arp_types::run::RecoveryAction>,
@@ -725,7 +719,7 @@ pub fn evaluate_in_tx(
 
 /// Sets the evaluation on `node_run` and appends its events; the caller stores the NodeRun.
 fn apply_evaluation(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn RunTx,
     node_run: &mut NodeRun,
     evaluation: EvaluationResult,
     recovery: Option<arp_types::run::RecoveryAction>,
@@ -752,7 +746,7 @@ fn apply_evaluation(
 
 /// The atomic executor's result becomes an evaluation plus a completion, as in the Python coordinator.
 pub fn record_atomic_result(
-    tx: &mut Tx<'_>,
+    tx: &mut dyn RunTx,
     node_run: NodeRun,
     completion: Completion,
 ) -> Result<Vec<ExecutorCancel>, StoreError> {
@@ -776,7 +770,10 @@ pub fn record_atomic_result(
 }
 
 /// Cancels every open NodeRun of the run; returns those an executor is working on.
-fn cancel_open_node_runs(tx: &mut Tx<'_>, run_id: &str) -> Result<Vec<ExecutorCancel>, StoreError> {
+fn cancel_open_node_runs(
+    tx: &mut dyn RunTx,
+    run_id: &str,
+) -> Result<Vec<ExecutorCancel>, StoreError> {
     let mut cancels = Vec::new();
     let ended_at = now_rfc3339();
     for mut node_run in tx.open_node_runs(run_id)? {
@@ -793,7 +790,7 @@ fn cancel_open_node_runs(tx: &mut Tx<'_>, run_id: &str) -> Result<Vec<ExecutorCa
     Ok(cancels)
 }
 
-fn open_node_run(tx: &Tx<'_>, node_run_id: &str) -> Result<NodeRunRow, ApiError> {
+fn open_node_run(tx: &dyn RunTx, node_run_id: &str) -> Result<NodeRunRow, ApiError> {
     let row = tx.node_run(node_run_id)?.ok_or_else(|| {
         ApiError::not_found(
             "node_run_not_found",

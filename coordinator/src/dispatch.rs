@@ -28,15 +28,18 @@ use crate::catalog::NodeTypeInfo;
 use crate::clients::CallError;
 use crate::constraints;
 use crate::coordinator::{
-    Completion, Coordinator, complete_in_tx, constraints_of, lease_until, record_atomic_result,
+    Completion, Coordinator, complete_in_tx, constraints_of, record_atomic_result,
 };
 use crate::policy::{self, PolicySubject};
-use crate::store::{StoreError, Tx, now_ms};
+use crate::store::OverdueNodeRun;
+use crate::store::{Lease, RunTx, StoreError, now_ms};
 
 /// NodeRuns claimed per poller transaction.
 const CLAIM_BATCH: usize = 256;
 /// Leases renewed per transaction.
 const RENEW_BATCH: usize = 512;
+/// Overdue NodeRuns failed per poll.
+const OVERDUE_BATCH: usize = 256;
 /// Terminal runs deleted per retention transaction: short write locks.
 const PRUNE_BATCH: usize = 64;
 /// Free pages returned to the file system after each retention transaction.
@@ -163,11 +166,12 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
         tick.tick().await;
         if coord.config.auto_dispatch {
             loop {
-                let lease = coord.config.lease;
+                let (owner, duration) = (coord.lease_owner.clone(), coord.config.lease);
                 let claimed = coord
                     .store
                     .write(move |tx| {
-                        tx.claim_dispatchable(now_ms(), lease_until(lease), CLAIM_BATCH)
+                        let lease = Lease::from_now(&owner, duration);
+                        tx.claim_dispatchable(now_ms(), &lease, CLAIM_BATCH)
                     })
                     .await;
                 match claimed {
@@ -183,12 +187,18 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
         let grace = coord.config.timing.deadline_grace.as_millis() as i64;
         let overdue = coord
             .store
-            .read(|conn| overdue(conn, now_ms() - grace))
+            .overdue_node_runs(now_ms() - grace, OVERDUE_BATCH)
+            .await
             .unwrap_or_else(|err| {
                 tracing::error!(error = %err, "looking for overdue NodeRuns failed");
                 Vec::new()
             });
-        for (node_run_id, state, deadline_at) in overdue {
+        for OverdueNodeRun {
+            node_run_id,
+            state,
+            deadline_at,
+        } in overdue
+        {
             // A dispatch of ours gives its own verdict by deadline + CALL_GRACE, and may
             // hold an outcome it is still trying to record: leave it that long, and a grace more.
             let dispatching = dispatcher.in_flight.lock().unwrap().contains(&node_run_id);
@@ -196,7 +206,7 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
             if dispatching && now_ms() < deadline_at.saturating_add(patience) {
                 continue;
             }
-            let error = dispatcher.deadline_error(&node_run_id, &state, deadline_at);
+            let error = dispatcher.deadline_error(&node_run_id, state, deadline_at);
             if let Err(err) = coord.fail_node_run(&node_run_id, error).await {
                 tracing::error!(%node_run_id, error = %err, "failing an overdue NodeRun failed");
             }
@@ -206,15 +216,21 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
 
 impl Dispatcher {
     /// `deadline_exceeded`, saying what kept the NodeRun from finishing.
-    fn deadline_error(&self, node_run_id: &str, state: &str, deadline_at: i64) -> ErrorDetail {
+    fn deadline_error(
+        &self,
+        node_run_id: &str,
+        state: NodeRunState,
+        deadline_at: i64,
+    ) -> ErrorDetail {
         let dispatching = self.in_flight.lock().unwrap().contains(node_run_id);
-        let why = if dispatching && state == "running" {
+        let running = state == NodeRunState::Running;
+        let why = if dispatching && running {
             "the executor did not answer before the deadline"
         } else if dispatching {
             "its dispatch did not reach the executor before the deadline"
         } else if self.started_ms > deadline_at {
             "the coordinator was not running at the deadline"
-        } else if state == "running" {
+        } else if running {
             "no dispatcher held it at the deadline (its dispatch failed and was not retried in time)"
         } else {
             "it was never dispatched (auto-dispatch off, or every dispatch attempt failed)"
@@ -226,7 +242,7 @@ impl Dispatcher {
         )
         .with_details(
             [
-                ("state".to_owned(), json!(state)),
+                ("state".to_owned(), json!(state.as_str())),
                 ("deadline_at".to_owned(), json!(iso(deadline_at))),
                 ("dispatching".to_owned(), json!(dispatching)),
                 (
@@ -250,6 +266,7 @@ fn time_from_ms(ms: i64) -> Option<String> {
 async fn renew(dispatcher: Arc<Dispatcher>) {
     let coord = &dispatcher.coord;
     let lease = coord.config.lease;
+    let owner = coord.lease_owner.clone();
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -262,10 +279,10 @@ async fn renew(dispatcher: Arc<Dispatcher>) {
             .cloned()
             .collect();
         for chunk in ids.chunks(RENEW_BATCH) {
-            let chunk = chunk.to_vec();
+            let (chunk, owner) = (chunk.to_vec(), owner.clone());
             let renewed = coord
                 .store
-                .write(move |tx| tx.renew_leases(&chunk, lease_until(lease)))
+                .write(move |tx| tx.renew_leases(&chunk, &Lease::from_now(&owner, lease)))
                 .await;
             if let Err(err) = renewed {
                 // The next tick tries again; in-process the NodeRun is not dispatched twice.
@@ -292,7 +309,7 @@ async fn prune(coord: Arc<Coordinator>, retention: Duration) {
                 .write(move |tx| {
                     let n = tx.prune_runs(cutoff, PRUNE_BATCH)?;
                     if n > 0 {
-                        tx.reclaim_free_pages(RECLAIM_PAGES)?;
+                        tx.reclaim_space(RECLAIM_PAGES)?;
                     }
                     Ok::<_, StoreError>(n)
                 })
@@ -316,18 +333,6 @@ async fn prune(coord: Arc<Coordinator>, retention: Duration) {
             tracing::debug!(runs = pruned, "deleted runs past the retention window");
         }
     }
-}
-
-fn overdue(
-    conn: &rusqlite::Connection,
-    before: i64,
-) -> Result<Vec<(String, String, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT node_run_id, state, deadline_at FROM node_runs
-         WHERE state NOT IN ('succeeded', 'failed', 'canceled') AND deadline_at < ?1 LIMIT 256",
-    )?;
-    let rows = stmt.query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// What dispatching decided before the executor call.
@@ -360,13 +365,13 @@ async fn dispatch(coord: &Arc<Coordinator>, node_run_id: &str) {
 
 /// Kind, candidate and policy checks, then `running`, in one transaction.
 async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, StoreError> {
-    let Some(row) = coord.store.get_node_run(node_run_id)? else {
+    let Some(row) = coord.store.node_run(node_run_id).await? else {
         return Ok(Begin::Stop);
     };
     if row.node_run.state.is_terminal() || !row.dispatch_pending {
         return Ok(Begin::Stop);
     }
-    let Some(run) = coord.store.get_run(&row.node_run.run_id)? else {
+    let Some(run) = coord.store.run(&row.node_run.run_id).await? else {
         return Ok(Begin::Stop);
     };
     if run.state.is_terminal() {
@@ -528,7 +533,11 @@ impl Admission {
     }
 
     /// Appends the `policy_decided` event of the execute checkpoint.
-    pub fn record_decision(&self, tx: &mut Tx<'_>, node_run: &NodeRun) -> Result<(), StoreError> {
+    pub fn record_decision(
+        &self,
+        tx: &mut dyn RunTx,
+        node_run: &NodeRun,
+    ) -> Result<(), StoreError> {
         tx.append_event(
             &node_run.run_id,
             Some(&node_run.node_run_id),
@@ -568,7 +577,7 @@ async fn resolve_node_type(
             return info;
         }
         tokio::time::sleep(backoff(n, None, deadline_at)).await;
-        match coord.store.get_node_run(&node_run.node_run_id) {
+        match coord.store.node_run(&node_run.node_run_id).await {
             Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
             _ => return info,
         }
@@ -664,7 +673,7 @@ where
             }
         };
         tokio::time::sleep(backoff(n, retry_after, deadline_at)).await;
-        match coord.store.get_node_run(node_run_id) {
+        match coord.store.node_run(node_run_id).await {
             Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
             _ => return Ok(None),
         }
@@ -704,6 +713,8 @@ where
     for n in 0u32.. {
         match write().await {
             Ok(value) => return Some(value),
+            // Shutting down: the lease runs out and whoever opens the database next takes it up.
+            Err(StoreError::Closed) => return None,
             Err(err) => {
                 tracing::warn!(%node_run_id, attempt = n, error = %err, "{what} failed; retrying");
             }
@@ -714,7 +725,7 @@ where
         let wait =
             rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        match coord.store.get_node_run(node_run_id) {
+        match coord.store.node_run(node_run_id).await {
             Ok(Some(row)) if row.node_run.state.is_terminal() => return None,
             Ok(None) => return None,
             // A failing read is no reason to give up the outcome.

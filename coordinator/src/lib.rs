@@ -14,7 +14,8 @@
 //! - [`constraints`]: merging constraint envelopes into the strictest one.
 //! - [`dispatch`]: the dispatch queue, retries, deadlines and crash recovery.
 //! - [`events`]: NDJSON event streams that follow a run live.
-//! - [`store`]: the SQLite store with its group-committing writer thread.
+//! - [`store`]: the store interface (reads, write transactions, commit effects);
+//!   `store::sqlite` implements it with a group-committing writer thread.
 //! - [`catalog`]: node kind resolution (registry, executors, prefix).
 //! - [`policy`]: PDP calls and the local deny/`dev-allow` fallback.
 //! - [`clients`]: HTTP clients of the other services, failures classified.
@@ -46,7 +47,8 @@ use crate::clients::{
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::policy::Policy;
-use crate::store::{CommitHooks, Store};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{CommitEffects, EffectSink, Store};
 
 /// A coordinator serving on a bound address.
 #[derive(Debug)]
@@ -65,14 +67,20 @@ impl Server {
         let addr = listener.local_addr()?;
         let watchers = Arc::new(events::RunWatchers::default());
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
-        let store = Store::open(
+        let sink_watchers = watchers.clone();
+        let sink: EffectSink = Box::new(move |effects: CommitEffects| {
+            for run_id in &effects.changed_runs {
+                sink_watchers.notify(run_id);
+            }
+            for node_run_id in effects.dispatch {
+                let _ = dispatch_tx.send(node_run_id);
+            }
+        });
+        let store = Store::new(Arc::new(SqliteStore::open(
             &config.db_path,
-            CommitHooks {
-                watchers: watchers.clone(),
-                dispatch: dispatch_tx,
-            },
             config.durability,
-        )?;
+            sink,
+        )?));
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
@@ -106,6 +114,7 @@ impl Server {
             atomic,
             composite,
             watchers,
+            lease_owner: coordinator::new_id("coordinator").into(),
             config,
         });
         let background = dispatch::spawn(coordinator.clone(), dispatch_rx);
@@ -133,11 +142,12 @@ impl Server {
         });
         let served = axum::serve(
             listener,
-            api::router(self.coordinator).layer(self.auth.layer()),
+            api::router(self.coordinator.clone()).layer(self.auth.layer()),
         )
         .with_graceful_shutdown(shutdown)
         .await;
         self.background.stop().await;
+        self.coordinator.store.close().await;
         served
     }
 }
