@@ -8,6 +8,7 @@
 //! point lookups and bounded pages served from the page cache, cheaper than a hop
 //! to another thread.
 
+mod migrations;
 mod tx;
 
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use rusqlite::Connection;
 use crate::config::Durability;
 use crate::store::{
     BoxFuture, CommitEffects, EffectSink, EventPage, EventPageRequest, NodeRunRow, OverdueNodeRun,
-    RunStore, RunTx, StoreError, WriteFault, WriteJob, now_ms,
+    RunStore, RunTx, StoreError, WriteFault, WriteJob,
 };
 use tx::SqliteTx;
 
@@ -90,7 +91,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        migrate(&conn)?;
+        migrations::migrate(&conn)?;
 
         let fault = Arc::new(AtomicU8::new(WriteFault::None as u8));
         let (jobs, rx) = std::sync::mpsc::channel::<Message>();
@@ -204,74 +205,6 @@ impl RunStore for SqliteStore {
     fn inject_write_fault(&self, fault: WriteFault) {
         self.fault.store(fault as u8, Ordering::SeqCst);
     }
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS runs (
-    run_id   TEXT PRIMARY KEY,
-    state    TEXT NOT NULL,
-    next_seq INTEGER NOT NULL,
-    body     TEXT NOT NULL,
-    -- ms since the epoch when the run became terminal; retention deletes by it.
-    ended_ms INTEGER
-);
-CREATE TABLE IF NOT EXISTS node_runs (
-    node_run_id        TEXT PRIMARY KEY,
-    run_id             TEXT NOT NULL,
-    parent_node_run_id TEXT,
-    state              TEXT NOT NULL,
-    depth              INTEGER NOT NULL,
-    -- 1 while the dispatcher still owes this NodeRun its hand-off to an executor.
-    dispatch_pending   INTEGER NOT NULL,
-    -- ms since the epoch; a dispatcher owns the NodeRun until then.
-    lease_until        INTEGER,
-    deadline_at        INTEGER NOT NULL,
-    body               TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS node_runs_by_run ON node_runs (run_id);
-CREATE INDEX IF NOT EXISTS node_runs_by_parent ON node_runs (parent_node_run_id);
-CREATE INDEX IF NOT EXISTS node_runs_to_dispatch ON node_runs (lease_until) WHERE dispatch_pending = 1;
-CREATE INDEX IF NOT EXISTS node_runs_open ON node_runs (deadline_at)
-    WHERE state NOT IN ('succeeded', 'failed', 'canceled');
-CREATE TABLE IF NOT EXISTS events (
-    run_id      TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    node_run_id TEXT,
-    body        TEXT NOT NULL,
-    PRIMARY KEY (run_id, seq)
-) WITHOUT ROWID;
-";
-
-fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
-    Ok(conn
-        .prepare("SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2")?
-        .query_row([table, column], |r| r.get::<_, i64>(0))?
-        > 0)
-}
-
-/// Brings a database created by an older version up to `SCHEMA`.
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute_batch(SCHEMA)?;
-    if !has_column(conn, "runs", "ended_ms")? {
-        // Terminal runs of older versions get their end time from their body, else now.
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE;
-             ALTER TABLE runs ADD COLUMN ended_ms INTEGER;
-             UPDATE runs SET ended_ms = COALESCE(
-                 CAST(ROUND((julianday(json_extract(body, '$.ended_at')) - 2440587.5) * 86400000) AS INTEGER),
-                 {now})
-             WHERE state IN ('succeeded', 'failed', 'canceled');
-             COMMIT;",
-            now = now_ms()
-        ))?;
-    }
-    if !has_column(conn, "node_runs", "lease_owner")? {
-        conn.execute_batch("ALTER TABLE node_runs ADD COLUMN lease_owner TEXT;")?;
-    }
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS runs_by_end ON runs (ended_ms) WHERE ended_ms IS NOT NULL;",
-    )?;
-    Ok(())
 }
 
 /// Puts the writer connection into the fault the test hook asked for.
