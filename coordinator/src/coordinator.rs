@@ -21,8 +21,8 @@ use crate::clients::{AtomicExecutorClient, CompositeExecutorClient};
 use crate::config::Config;
 use crate::constraints;
 use crate::dispatch::{self, Admission};
-use crate::error::ApiError;
 use crate::policy::{self, Policy, PolicySubject};
+use crate::runs::error::RunError;
 use crate::store::{ExecutorCancel, Lease, NodeRunRow, RunTx, Store, StoreError, now_ms};
 
 /// Extension keys the coordinator owns on Runs and NodeRuns.
@@ -80,11 +80,11 @@ impl Completion {
 }
 
 impl Coordinator {
-    pub async fn start_run(self: &Arc<Self>, req: RunStartRequest) -> Result<Run, ApiError> {
+    pub async fn start_run(self: &Arc<Self>, req: RunStartRequest) -> Result<Run, RunError> {
         if let Some(id) = &req.run_id
             && id.trim().is_empty()
         {
-            return Err(ApiError::invalid_request("run_id: must not be empty"));
+            return Err(RunError::InvalidRequest("run_id: must not be empty".into()));
         }
         validate_constraints(req.constraints.as_ref())?;
         let run_id = req.run_id.clone().unwrap_or_else(|| new_id("run"));
@@ -179,12 +179,9 @@ impl Coordinator {
 
         let (run, cancels) = self
             .store
-            .write(move |tx| -> Result<_, ApiError> {
+            .write(move |tx| -> Result<_, RunError> {
                 if tx.run_terminal(&run.run_id)?.is_some() {
-                    return Err(ApiError::conflict(
-                        "run_already_exists",
-                        format!("Run '{}' already exists", run.run_id),
-                    ));
+                    return Err(RunError::RunAlreadyExists(run.run_id.clone()));
                 }
                 tx.insert_run(&run)?;
                 tx.append_event(
@@ -232,40 +229,34 @@ impl Coordinator {
         Ok(run)
     }
 
-    pub async fn get_run(&self, run_id: &str) -> Result<Run, ApiError> {
-        self.store.run(run_id).await?.ok_or_else(|| {
-            ApiError::not_found("run_not_found", format!("Run '{run_id}' not found"))
-        })
+    pub async fn get_run(&self, run_id: &str) -> Result<Run, RunError> {
+        self.store
+            .run(run_id)
+            .await?
+            .ok_or_else(|| RunError::RunNotFound(run_id.to_owned()))
     }
 
     /// `run_not_found` unless the run exists (without reading its body).
-    pub async fn ensure_run(&self, run_id: &str) -> Result<(), ApiError> {
+    pub async fn ensure_run(&self, run_id: &str) -> Result<(), RunError> {
         match self.store.run_terminal(run_id).await? {
             Some(_) => Ok(()),
-            None => Err(ApiError::not_found(
-                "run_not_found",
-                format!("Run '{run_id}' not found"),
-            )),
+            None => Err(RunError::RunNotFound(run_id.to_owned())),
         }
     }
 
-    pub async fn get_node_run(&self, node_run_id: &str) -> Result<NodeRun, ApiError> {
+    pub async fn get_node_run(&self, node_run_id: &str) -> Result<NodeRun, RunError> {
         let row = self.store.node_run(node_run_id).await?;
-        row.map(|r| r.node_run).ok_or_else(|| {
-            ApiError::not_found(
-                "node_run_not_found",
-                format!("NodeRun '{node_run_id}' not found"),
-            )
-        })
+        row.map(|r| r.node_run)
+            .ok_or_else(|| RunError::NodeRunNotFound(node_run_id.to_owned()))
     }
 
-    pub async fn cancel_run(self: &Arc<Self>, run_id: String) -> Result<Run, ApiError> {
+    pub async fn cancel_run(self: &Arc<Self>, run_id: String) -> Result<Run, RunError> {
         let (run, cancels) = self
             .store
-            .write(move |tx| -> Result<_, ApiError> {
-                let mut run = tx.run(&run_id)?.ok_or_else(|| {
-                    ApiError::not_found("run_not_found", format!("Run '{run_id}' not found"))
-                })?;
+            .write(move |tx| -> Result<_, RunError> {
+                let mut run = tx
+                    .run(&run_id)?
+                    .ok_or_else(|| RunError::RunNotFound(run_id.clone()))?;
                 if run.state.is_terminal() {
                     return Ok((run, Vec::new()));
                 }
@@ -289,10 +280,10 @@ impl Coordinator {
     pub async fn create_node_runs(
         self: &Arc<Self>,
         req: NodeRunsCreateRequest,
-    ) -> Result<NodeRunsCreateResponse, ApiError> {
+    ) -> Result<NodeRunsCreateResponse, RunError> {
         if req.node_runs.is_empty() {
-            return Err(ApiError::invalid_request(
-                "node_runs: must contain at least 1 item",
+            return Err(RunError::InvalidRequest(
+                "node_runs: must contain at least 1 item".into(),
             ));
         }
         for spec in &req.node_runs {
@@ -305,14 +296,9 @@ impl Coordinator {
             .store
             .node_run(&req.parent_node_run_id)
             .await?
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "parent_node_run_not_found",
-                    format!("Parent NodeRun '{}' not found", req.parent_node_run_id),
-                )
-            })?;
+            .ok_or_else(|| RunError::ParentNotFound(req.parent_node_run_id.clone()))?;
         if parent.node_run.run_id != run.run_id {
-            return Err(parent_mismatch());
+            return Err(RunError::ParentMismatch);
         }
         let parent_kind = match parent.node_run.kind {
             Some(kind) => Some(kind),
@@ -324,7 +310,7 @@ impl Coordinator {
             }
         };
         if parent_kind != Some(NodeKind::Composite) {
-            return Err(parent_invalid());
+            return Err(RunError::ParentNotComposite);
         }
         // Together, so a source that hangs costs the request one bounded wait, not one per child.
         let lookups = req
@@ -349,10 +335,10 @@ impl Coordinator {
         self: &Arc<Self>,
         node_run_id: String,
         req: NodeRunCompleteRequest,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), RunError> {
         let cancels = self
             .store
-            .write(move |tx| -> Result<_, ApiError> {
+            .write(move |tx| -> Result<_, RunError> {
                 let row = open_node_run(tx, &node_run_id)?;
                 let completion = Completion {
                     state: req.state.into(),
@@ -371,12 +357,12 @@ impl Coordinator {
         &self,
         node_run_id: String,
         req: NodeRunEvaluationReportRequest,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), RunError> {
         if let Err((path, msg)) = req.evaluation_result.validate() {
-            return Err(ApiError::invalid_request(format!("{path}: {msg}")));
+            return Err(RunError::InvalidRequest(format!("{path}: {msg}")));
         }
         self.store
-            .write(move |tx| -> Result<_, ApiError> {
+            .write(move |tx| -> Result<_, RunError> {
                 let row = open_node_run(tx, &node_run_id)?;
                 evaluate_in_tx(tx, row.node_run, req.evaluation_result, req.recovery_action)?;
                 Ok(())
@@ -459,38 +445,28 @@ fn create_node_runs_in_tx(
     infos: Vec<NodeTypeInfo>,
     lease: Option<(Arc<str>, Duration)>,
     default_timeout: Duration,
-) -> Result<NodeRunsCreateResponse, ApiError> {
-    let run = tx.run(&req.run_id)?.ok_or_else(|| {
-        ApiError::not_found("run_not_found", format!("Run '{}' not found", req.run_id))
-    })?;
-    let parent_row = tx.node_run(&req.parent_node_run_id)?.ok_or_else(|| {
-        ApiError::not_found(
-            "parent_node_run_not_found",
-            format!("Parent NodeRun '{}' not found", req.parent_node_run_id),
-        )
-    })?;
+) -> Result<NodeRunsCreateResponse, RunError> {
+    let run = tx
+        .run(&req.run_id)?
+        .ok_or_else(|| RunError::RunNotFound(req.run_id.clone()))?;
+    let parent_row = tx
+        .node_run(&req.parent_node_run_id)?
+        .ok_or_else(|| RunError::ParentNotFound(req.parent_node_run_id.clone()))?;
     let mut parent = parent_row.node_run;
     if parent.run_id != run.run_id {
-        return Err(parent_mismatch());
+        return Err(RunError::ParentMismatch);
     }
     if parent.kind.or(parent_kind) != Some(NodeKind::Composite) {
-        return Err(parent_invalid());
+        return Err(RunError::ParentNotComposite);
     }
     if run.state.is_terminal() {
-        return Err(ApiError::conflict(
-            "run_not_active",
-            format!(
-                "Run '{}' is {}; no NodeRuns can be created in it",
-                run.run_id,
-                run.state.as_str()
-            ),
-        ));
+        return Err(RunError::RunNotActive {
+            run_id: run.run_id.clone(),
+            state: run.state.as_str(),
+        });
     }
     if parent.state.is_terminal() {
-        return Err(ApiError::conflict(
-            "parent_node_run_terminal",
-            format!("Parent NodeRun '{}' has already ended", parent.node_run_id),
-        ));
+        return Err(RunError::ParentTerminal(parent.node_run_id.clone()));
     }
 
     let run_constraints = constraints_of(run.extensions.as_ref());
@@ -574,12 +550,7 @@ fn create_node_runs_in_tx(
         .and_then(Value::as_u64)
         .unwrap_or(0);
     if let Some(s) = &structural {
-        let violation = |what: &str| {
-            ApiError::conflict(
-                "constraint_violation",
-                format!("{what} constraint violated"),
-            )
-        };
+        let violation = RunError::ConstraintViolation;
         if s.max_depth.is_some_and(|max| parent_row.depth + 1 > max) {
             return Err(violation("max_depth"));
         }
@@ -790,21 +761,15 @@ fn cancel_open_node_runs(
     Ok(cancels)
 }
 
-fn open_node_run(tx: &dyn RunTx, node_run_id: &str) -> Result<NodeRunRow, ApiError> {
-    let row = tx.node_run(node_run_id)?.ok_or_else(|| {
-        ApiError::not_found(
-            "node_run_not_found",
-            format!("NodeRun '{node_run_id}' not found"),
-        )
-    })?;
+fn open_node_run(tx: &dyn RunTx, node_run_id: &str) -> Result<NodeRunRow, RunError> {
+    let row = tx
+        .node_run(node_run_id)?
+        .ok_or_else(|| RunError::NodeRunNotFound(node_run_id.to_owned()))?;
     if row.node_run.state.is_terminal() {
-        return Err(ApiError::conflict(
-            "node_run_already_terminal",
-            format!(
-                "NodeRun '{node_run_id}' has already ended ({})",
-                row.node_run.state.as_str()
-            ),
-        ));
+        return Err(RunError::NodeRunAlreadyTerminal {
+            node_run_id: node_run_id.to_owned(),
+            state: row.node_run.state.as_str(),
+        });
     }
     Ok(row)
 }
@@ -814,13 +779,8 @@ fn assert_idempotent_match(
     spec: &NodeRunCreateSpec,
     req: &NodeRunsCreateRequest,
     expected_constraints: Option<&ConstraintEnvelope>,
-) -> Result<(), ApiError> {
-    let conflict = |what: &str| {
-        ApiError::conflict(
-            "idempotency_conflict",
-            format!("Idempotency key already used for a different {what}"),
-        )
-    };
+) -> Result<(), RunError> {
+    let conflict = RunError::IdempotencyConflict;
     if existing.run_id != req.run_id
         || existing.parent_node_run_id.as_deref() != Some(&req.parent_node_run_id)
     {
@@ -857,23 +817,9 @@ fn assert_idempotent_match(
     Ok(())
 }
 
-fn parent_mismatch() -> ApiError {
-    ApiError::conflict(
-        "parent_node_run_mismatch",
-        "Parent NodeRun does not belong to the requested run",
-    )
-}
-
-fn parent_invalid() -> ApiError {
-    ApiError::conflict(
-        "parent_node_run_invalid",
-        "Parent NodeRun must be composite to create child NodeRuns",
-    )
-}
-
-fn validate_constraints(constraints: Option<&ConstraintEnvelope>) -> Result<(), ApiError> {
+fn validate_constraints(constraints: Option<&ConstraintEnvelope>) -> Result<(), RunError> {
     match constraints.map(ConstraintEnvelope::validate) {
-        Some(Err((path, msg))) => Err(ApiError::invalid_request(format!("{path}: {msg}"))),
+        Some(Err((path, msg))) => Err(RunError::InvalidRequest(format!("{path}: {msg}"))),
         _ => Ok(()),
     }
 }

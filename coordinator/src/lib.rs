@@ -9,7 +9,8 @@
 //!
 //! # Layout
 //! - [`config`]: command line and environment, validated into one `Config`.
-//! - [`api`]: the HTTP routes of `run-coordinator.openapi.yaml`.
+//! - [`api`]: the HTTP routes of `run-coordinator.openapi.yaml`; `api::error` maps
+//!   `RunError` to a status and an ARP `ErrorEnvelope` in one place.
 //! - [`coordinator`]: the operations (start, create children, complete, cancel).
 //! - [`constraints`]: merging constraint envelopes into the strictest one.
 //! - [`dispatch`]: the dispatch queue, retries, deadlines and crash recovery.
@@ -19,7 +20,7 @@
 //! - [`catalog`]: node kind resolution (registry, executors, prefix).
 //! - [`policy`]: PDP calls and the local deny/`dev-allow` fallback.
 //! - [`clients`]: HTTP clients of the other services, failures classified.
-//! - [`error`]: the API error type and its ARP `ErrorEnvelope`.
+//! - [`runs`]: domain rules of Runs and NodeRuns; `runs::error::RunError` with stable codes.
 
 pub mod api;
 pub mod catalog;
@@ -28,9 +29,9 @@ pub mod config;
 pub mod constraints;
 pub mod coordinator;
 pub mod dispatch;
-pub mod error;
 pub mod events;
 pub mod policy;
+pub mod runs;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -1,5 +1,7 @@
 //! The HTTP surface of `run-coordinator.openapi.yaml`: routes, body parsing, responses.
 
+pub mod error;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -13,8 +15,8 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use self::error::ApiError;
 use crate::coordinator::Coordinator;
-use crate::error::ApiError;
 use crate::events::{self, Scope, StreamRequest};
 
 pub fn router(coord: Arc<Coordinator>) -> Router {

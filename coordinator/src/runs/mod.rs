@@ -1,0 +1,3 @@
+//! Runs and NodeRuns: the domain rules, apart from HTTP and from the store's SQL.
+
+pub mod error;
