@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use arp_types::composite::CompositeBeginRequest;
 use arp_types::pdp::PolicyDecision;
 use arp_types::run::{ExecutorBinding, NodeRun, Run, RunEventType};
-use arp_types::time::now_rfc3339;
 use arp_types::{AtomicExecuteRequest, ConstraintEnvelope, ErrorDetail, NodeKind, NodeRunState};
 use rand::Rng;
 use serde_json::json;
@@ -27,11 +26,10 @@ use tokio::task::JoinHandle;
 use crate::catalog::NodeTypeInfo;
 use crate::clients::CallError;
 use crate::constraints;
-use crate::coordinator::{
-    Completion, Coordinator, complete_in_tx, constraints_of, record_atomic_result,
-};
+use crate::coordinator::{Coordinator, constraints_of};
 use crate::policy::{self, PolicySubject};
-use crate::store::OverdueNodeRun;
+use crate::runs::lifecycle::{self, Admit, Begun, Completion};
+use crate::store::{ExecutorCancel, OverdueNodeRun};
 use crate::store::{Lease, RunTx, StoreError, now_ms};
 
 /// NodeRuns claimed per poller transaction.
@@ -98,7 +96,11 @@ impl Background {
 
 /// Runs the dispatcher: a task per NodeRun (bounded), the poller, the lease renewer
 /// and (with a retention window) the pruner.
-pub fn spawn(coord: Arc<Coordinator>, queue: mpsc::UnboundedReceiver<String>) -> Background {
+pub fn spawn(
+    coord: Arc<Coordinator>,
+    queue: mpsc::UnboundedReceiver<String>,
+    cancels: mpsc::UnboundedReceiver<ExecutorCancel>,
+) -> Background {
     let (stop, stopped) = watch::channel(false);
     let dispatcher = Arc::new(Dispatcher {
         coord: coord.clone(),
@@ -112,6 +114,10 @@ pub fn spawn(coord: Arc<Coordinator>, queue: mpsc::UnboundedReceiver<String>) ->
         )),
         tokio::spawn(until_stopped(stopped.clone(), poll(dispatcher.clone()))),
         tokio::spawn(until_stopped(stopped.clone(), renew(dispatcher))),
+        tokio::spawn(until_stopped(
+            stopped.clone(),
+            send_cancels(coord.clone(), cancels),
+        )),
     ];
     if let Some(retention) = coord.config.retention {
         tasks.push(tokio::spawn(until_stopped(
@@ -153,6 +159,32 @@ async fn run_queue(dispatcher: Arc<Dispatcher>, mut queue: mpsc::UnboundedReceiv
             dispatch(&coord, &flight.node_run_id).await;
             drop(permit);
             drop(flight);
+        });
+    }
+}
+
+/// Tells executors to stop NodeRuns that committed transactions canceled; best effort.
+async fn send_cancels(
+    coord: Arc<Coordinator>,
+    mut cancels: mpsc::UnboundedReceiver<ExecutorCancel>,
+) {
+    while let Some(cancel) = cancels.recv().await {
+        let coord = coord.clone();
+        tokio::spawn(async move {
+            let result = match cancel.kind {
+                Some(NodeKind::Atomic) => match &coord.atomic {
+                    Some(atomic) => atomic.cancel(&cancel.node_run_id).await,
+                    None => Ok(()),
+                },
+                Some(NodeKind::Composite) => match &coord.composite {
+                    Some(composite) => composite.cancel(&cancel.node_run_id).await,
+                    None => Ok(()),
+                },
+                None => Ok(()),
+            };
+            if let Err(err) = result {
+                tracing::warn!(node_run_id = %cancel.node_run_id, error = %err, "executor cancel failed");
+            }
         });
     }
 }
@@ -431,51 +463,22 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
     let admission = Admission::new(coord, kind, effective, decision);
 
     let id = node_run_id.to_owned();
-    let (begin, cancels) = coord
+    let begun = coord
         .store
-        .write(move |tx| -> Result<_, StoreError> {
-            let Some(row) = tx.node_run(&id)? else {
-                return Ok((Begin::Stop, Vec::new()));
-            };
-            let Some(run) = tx.run(&row.node_run.run_id)? else {
-                return Ok((Begin::Stop, Vec::new()));
-            };
-            if row.node_run.state.is_terminal() || !row.dispatch_pending || run.state.is_terminal()
-            {
-                return Ok((Begin::Stop, Vec::new()));
-            }
-            let mut node_run = row.node_run;
-            node_run.kind = Some(kind);
-            if node_run.extensions.is_none()
-                || constraints_of(node_run.extensions.as_ref()).is_none()
-            {
-                node_run.extensions = crate::coordinator::extensions_with(
-                    node_run.extensions.as_ref(),
-                    [(
-                        crate::coordinator::ext::CONSTRAINTS,
-                        serde_json::to_value(&admission.effective).unwrap_or_default(),
-                    )],
-                );
-            }
-            admission.record_decision(tx, &node_run)?;
-            if let Some(error) = admission.refusal() {
-                let cancels = complete_in_tx(tx, node_run, Completion::failed(error))?;
-                return Ok((Begin::Stop, cancels));
-            }
-            admission.start(&mut node_run);
-            tx.update_node_run(&node_run)?;
-            Ok((
-                Begin::Execute(Box::new(Execution {
-                    node_run,
-                    run,
-                    deadline_at: row.deadline_at,
-                })),
-                Vec::new(),
-            ))
-        })
+        .write(move |tx| lifecycle::begin_dispatch(tx, &id, &admission))
         .await?;
-    coord.cancel_at_executors(cancels);
-    Ok(begin)
+    Ok(match begun {
+        Some(Begun {
+            node_run,
+            run,
+            deadline_at,
+        }) => Begin::Execute(Box::new(Execution {
+            node_run,
+            run,
+            deadline_at,
+        })),
+        None => Begin::Stop,
+    })
 }
 
 /// The policy action checked before a NodeRun is handed to its executor.
@@ -518,8 +521,50 @@ impl Admission {
         }
     }
 
+    /// The executor's binding, named by kind.
+    fn executor_binding(&self) -> ExecutorBinding {
+        ExecutorBinding {
+            executor_instance_id: match self.kind {
+                NodeKind::Atomic => "jarvis-atomic-executor".into(),
+                NodeKind::Composite => "jarvis-composite-executor".into(),
+            },
+            endpoint: self.endpoint.clone().unwrap_or_default(),
+            audience: None,
+            extensions: None,
+        }
+    }
+}
+
+impl Admit for Admission {
+    fn kind(&self) -> NodeKind {
+        self.kind
+    }
+
+    fn prepare(&self, node_run: &mut NodeRun) {
+        if node_run.extensions.is_none() || constraints_of(node_run.extensions.as_ref()).is_none() {
+            node_run.extensions = crate::coordinator::extensions_with(
+                node_run.extensions.as_ref(),
+                [(
+                    crate::coordinator::ext::CONSTRAINTS,
+                    serde_json::to_value(&self.effective).unwrap_or_default(),
+                )],
+            );
+        }
+    }
+
+    /// Appends the `policy_decided` event of the execute checkpoint.
+    fn record_decision(&self, tx: &mut dyn RunTx, node_run: &NodeRun) -> Result<(), StoreError> {
+        tx.append_event(
+            &node_run.run_id,
+            Some(&node_run.node_run_id),
+            RunEventType::PolicyDecided,
+            Some(policy::event_data(ACTION_EXECUTE, &self.decision)),
+        )?;
+        Ok(())
+    }
+
     /// Why the NodeRun may not run: denied by policy, or no executor for its kind.
-    pub fn refusal(&self) -> Option<ErrorDetail> {
+    fn refusal(&self) -> Option<ErrorDetail> {
         if !policy::allows(&self.decision) {
             return Some(ErrorDetail::new(
                 "policy_denied",
@@ -532,35 +577,8 @@ impl Admission {
             .map(|&(code, message)| ErrorDetail::new(code, message))
     }
 
-    /// Appends the `policy_decided` event of the execute checkpoint.
-    pub fn record_decision(
-        &self,
-        tx: &mut dyn RunTx,
-        node_run: &NodeRun,
-    ) -> Result<(), StoreError> {
-        tx.append_event(
-            &node_run.run_id,
-            Some(&node_run.node_run_id),
-            RunEventType::PolicyDecided,
-            Some(policy::event_data(ACTION_EXECUTE, &self.decision)),
-        )?;
-        Ok(())
-    }
-
-    /// The NodeRun as it is handed to its executor: `running`, bound to the executor.
-    pub fn start(&self, node_run: &mut NodeRun) {
-        node_run.kind = Some(self.kind);
-        node_run.state = NodeRunState::Running;
-        node_run.started_at.get_or_insert_with(now_rfc3339);
-        node_run.executor_binding = Some(ExecutorBinding {
-            executor_instance_id: match self.kind {
-                NodeKind::Atomic => "jarvis-atomic-executor".into(),
-                NodeKind::Composite => "jarvis-composite-executor".into(),
-            },
-            endpoint: self.endpoint.clone().unwrap_or_default(),
-            audience: None,
-            extensions: None,
-        });
+    fn binding(&self) -> ExecutorBinding {
+        self.executor_binding()
     }
 }
 
@@ -792,19 +810,13 @@ async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Resul
         },
         Err(error) => Completion::failed(error),
     };
-    let cancels = until_committed(coord, &id, "recording the outcome", || {
+    until_committed(coord, &id, "recording the outcome", || {
         let (id, completion) = (id.clone(), completion.clone());
-        coord.store.write(move |tx| -> Result<_, StoreError> {
-            match tx.node_run(&id)? {
-                Some(row) if !row.node_run.state.is_terminal() => {
-                    record_atomic_result(tx, row.node_run, completion)
-                }
-                _ => Ok(Vec::new()),
-            }
-        })
+        coord
+            .store
+            .write(move |tx| lifecycle::record_atomic_result(tx, &id, completion))
     })
     .await;
-    coord.cancel_at_executors(cancels.unwrap_or_default());
     Ok(())
 }
 

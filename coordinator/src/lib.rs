@@ -68,6 +68,7 @@ impl Server {
         let addr = listener.local_addr()?;
         let watchers = Arc::new(events::RunWatchers::default());
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
+        let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
         let sink_watchers = watchers.clone();
         let sink: EffectSink = Box::new(move |effects: CommitEffects| {
             for run_id in &effects.changed_runs {
@@ -75,6 +76,9 @@ impl Server {
             }
             for node_run_id in effects.dispatch {
                 let _ = dispatch_tx.send(node_run_id);
+            }
+            for cancel in effects.executor_cancels {
+                let _ = cancel_tx.send(cancel);
             }
         });
         let store = Store::new(Arc::new(SqliteStore::open(
@@ -118,7 +122,7 @@ impl Server {
             lease_owner: coordinator::new_id("coordinator").into(),
             config,
         });
-        let background = dispatch::spawn(coordinator.clone(), dispatch_rx);
+        let background = dispatch::spawn(coordinator.clone(), dispatch_rx, cancel_rx);
         Ok(Self {
             addr,
             coordinator,
