@@ -21,7 +21,7 @@ use arp_types::{AtomicExecuteRequest, ConstraintEnvelope, ErrorDetail, NodeKind,
 use rand::Rng;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::catalog::NodeTypeInfo;
 use crate::clients::CallError;
@@ -47,6 +47,8 @@ const RECLAIM_PAGES: u32 = 4096;
 const CALL_GRACE: Duration = Duration::from_secs(3);
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long shutdown waits for dispatches and executor cancels in flight.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// Retrying a failed store write: the store usually recovers in well under a second.
 const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 
@@ -83,9 +85,10 @@ pub struct Background {
 }
 
 impl Background {
-    /// Stops the queue, poller, lease renewer and pruner and waits for them. Dispatch
-    /// tasks in flight are left to finish or be dropped with the runtime: their leases
-    /// run out and whoever opens the database next takes them up again.
+    /// Stops the queue, poller, lease renewer, pruner and cancel sender and waits for
+    /// them. Dispatch tasks and executor cancels in flight get [`DRAIN_LIMIT`] to finish;
+    /// the rest are aborted: their leases run out and whoever holds the database next
+    /// takes them up again.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
@@ -108,16 +111,10 @@ pub fn spawn(
         started_ms: now_ms(),
     });
     let mut tasks = vec![
-        tokio::spawn(until_stopped(
-            stopped.clone(),
-            run_queue(dispatcher.clone(), queue),
-        )),
+        tokio::spawn(run_queue(dispatcher.clone(), queue, stopped.clone())),
         tokio::spawn(until_stopped(stopped.clone(), poll(dispatcher.clone()))),
         tokio::spawn(until_stopped(stopped.clone(), renew(dispatcher))),
-        tokio::spawn(until_stopped(
-            stopped.clone(),
-            send_cancels(coord.clone(), cancels),
-        )),
+        tokio::spawn(send_cancels(coord.clone(), cancels, stopped.clone())),
     ];
     if let Some(retention) = coord.config.retention {
         tasks.push(tokio::spawn(until_stopped(
@@ -135,9 +132,43 @@ async fn until_stopped(mut stopped: watch::Receiver<bool>, work: impl Future<Out
     }
 }
 
-async fn run_queue(dispatcher: Arc<Dispatcher>, mut queue: mpsc::UnboundedReceiver<String>) {
+/// Waits for the owned tasks up to [`DRAIN_LIMIT`], then aborts those left.
+async fn drain(mut tasks: JoinSet<()>, what: &str) {
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "{what} still in flight at shutdown; aborted"
+        );
+    }
+}
+
+/// The next item of `queue` while reaping finished `tasks`; `None` once stopped or closed.
+async fn next_or_stop<T>(
+    queue: &mut mpsc::UnboundedReceiver<T>,
+    tasks: &mut JoinSet<()>,
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return None,
+            item = queue.recv() => return item,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+async fn run_queue(
+    dispatcher: Arc<Dispatcher>,
+    mut queue: mpsc::UnboundedReceiver<String>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(dispatcher.coord.config.dispatch_concurrency));
-    while let Some(node_run_id) = queue.recv().await {
+    let mut tasks = JoinSet::new();
+    while let Some(node_run_id) = next_or_stop(&mut queue, &mut tasks, &mut stopped).await {
         if !dispatcher
             .in_flight
             .lock()
@@ -155,22 +186,25 @@ async fn run_queue(dispatcher: Arc<Dispatcher>, mut queue: mpsc::UnboundedReceiv
             break;
         };
         let coord = dispatcher.coord.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             dispatch(&coord, &flight.node_run_id).await;
             drop(permit);
             drop(flight);
         });
     }
+    drain(tasks, "dispatches").await;
 }
 
 /// Tells executors to stop NodeRuns that committed transactions canceled; best effort.
 async fn send_cancels(
     coord: Arc<Coordinator>,
     mut cancels: mpsc::UnboundedReceiver<ExecutorCancel>,
+    mut stopped: watch::Receiver<bool>,
 ) {
-    while let Some(cancel) = cancels.recv().await {
+    let mut tasks = JoinSet::new();
+    while let Some(cancel) = next_or_stop(&mut cancels, &mut tasks, &mut stopped).await {
         let coord = coord.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let result = match cancel.kind {
                 Some(NodeKind::Atomic) => match &coord.atomic {
                     Some(atomic) => atomic.cancel(&cancel.node_run_id).await,
@@ -187,6 +221,7 @@ async fn send_cancels(
             }
         });
     }
+    drain(tasks, "executor cancels").await;
 }
 
 /// Takes up NodeRuns whose lease ran out and fails NodeRuns past their deadline.
