@@ -17,26 +17,27 @@ use std::time::{Duration, Instant};
 use arp_types::composite::CompositeBeginRequest;
 use arp_types::pdp::PolicyDecision;
 use arp_types::run::{ExecutorBinding, NodeRun, Run, RunEventType};
-use arp_types::time::now_rfc3339;
 use arp_types::{AtomicExecuteRequest, ConstraintEnvelope, ErrorDetail, NodeKind, NodeRunState};
 use rand::Rng;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::catalog::NodeTypeInfo;
 use crate::clients::CallError;
 use crate::constraints;
-use crate::coordinator::{
-    Completion, Coordinator, complete_in_tx, constraints_of, lease_until, record_atomic_result,
-};
+use crate::coordinator::{Coordinator, constraints_of};
 use crate::policy::{self, PolicySubject};
-use crate::store::{StoreError, Tx, now_ms};
+use crate::runs::lifecycle::{self, Admit, Begun, Completion};
+use crate::store::{ExecutorCancel, OverdueNodeRun};
+use crate::store::{Lease, RunTx, StoreError, now_ms};
 
 /// NodeRuns claimed per poller transaction.
 const CLAIM_BATCH: usize = 256;
 /// Leases renewed per transaction.
 const RENEW_BATCH: usize = 512;
+/// Overdue NodeRuns failed per poll.
+const OVERDUE_BATCH: usize = 256;
 /// Terminal runs deleted per retention transaction: short write locks.
 const PRUNE_BATCH: usize = 64;
 /// Free pages returned to the file system after each retention transaction.
@@ -46,6 +47,8 @@ const RECLAIM_PAGES: u32 = 4096;
 const CALL_GRACE: Duration = Duration::from_secs(3);
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long shutdown waits for dispatches and executor cancels in flight.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// Retrying a failed store write: the store usually recovers in well under a second.
 const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 
@@ -82,9 +85,10 @@ pub struct Background {
 }
 
 impl Background {
-    /// Stops the queue, poller, lease renewer and pruner and waits for them. Dispatch
-    /// tasks in flight are left to finish or be dropped with the runtime: their leases
-    /// run out and whoever opens the database next takes them up again.
+    /// Stops the queue, poller, lease renewer, pruner and cancel sender and waits for
+    /// them. Dispatch tasks and executor cancels in flight get [`DRAIN_LIMIT`] to finish;
+    /// the rest are aborted: their leases run out and whoever holds the database next
+    /// takes them up again.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
@@ -95,7 +99,11 @@ impl Background {
 
 /// Runs the dispatcher: a task per NodeRun (bounded), the poller, the lease renewer
 /// and (with a retention window) the pruner.
-pub fn spawn(coord: Arc<Coordinator>, queue: mpsc::UnboundedReceiver<String>) -> Background {
+pub fn spawn(
+    coord: Arc<Coordinator>,
+    queue: mpsc::UnboundedReceiver<String>,
+    cancels: mpsc::UnboundedReceiver<ExecutorCancel>,
+) -> Background {
     let (stop, stopped) = watch::channel(false);
     let dispatcher = Arc::new(Dispatcher {
         coord: coord.clone(),
@@ -103,12 +111,10 @@ pub fn spawn(coord: Arc<Coordinator>, queue: mpsc::UnboundedReceiver<String>) ->
         started_ms: now_ms(),
     });
     let mut tasks = vec![
-        tokio::spawn(until_stopped(
-            stopped.clone(),
-            run_queue(dispatcher.clone(), queue),
-        )),
+        tokio::spawn(run_queue(dispatcher.clone(), queue, stopped.clone())),
         tokio::spawn(until_stopped(stopped.clone(), poll(dispatcher.clone()))),
         tokio::spawn(until_stopped(stopped.clone(), renew(dispatcher))),
+        tokio::spawn(send_cancels(coord.clone(), cancels, stopped.clone())),
     ];
     if let Some(retention) = coord.config.retention {
         tasks.push(tokio::spawn(until_stopped(
@@ -126,9 +132,43 @@ async fn until_stopped(mut stopped: watch::Receiver<bool>, work: impl Future<Out
     }
 }
 
-async fn run_queue(dispatcher: Arc<Dispatcher>, mut queue: mpsc::UnboundedReceiver<String>) {
+/// Waits for the owned tasks up to [`DRAIN_LIMIT`], then aborts those left.
+async fn drain(mut tasks: JoinSet<()>, what: &str) {
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "{what} still in flight at shutdown; aborted"
+        );
+    }
+}
+
+/// The next item of `queue` while reaping finished `tasks`; `None` once stopped or closed.
+async fn next_or_stop<T>(
+    queue: &mut mpsc::UnboundedReceiver<T>,
+    tasks: &mut JoinSet<()>,
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return None,
+            item = queue.recv() => return item,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+async fn run_queue(
+    dispatcher: Arc<Dispatcher>,
+    mut queue: mpsc::UnboundedReceiver<String>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(dispatcher.coord.config.dispatch_concurrency));
-    while let Some(node_run_id) = queue.recv().await {
+    let mut tasks = JoinSet::new();
+    while let Some(node_run_id) = next_or_stop(&mut queue, &mut tasks, &mut stopped).await {
         if !dispatcher
             .in_flight
             .lock()
@@ -146,12 +186,42 @@ async fn run_queue(dispatcher: Arc<Dispatcher>, mut queue: mpsc::UnboundedReceiv
             break;
         };
         let coord = dispatcher.coord.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             dispatch(&coord, &flight.node_run_id).await;
             drop(permit);
             drop(flight);
         });
     }
+    drain(tasks, "dispatches").await;
+}
+
+/// Tells executors to stop NodeRuns that committed transactions canceled; best effort.
+async fn send_cancels(
+    coord: Arc<Coordinator>,
+    mut cancels: mpsc::UnboundedReceiver<ExecutorCancel>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tasks = JoinSet::new();
+    while let Some(cancel) = next_or_stop(&mut cancels, &mut tasks, &mut stopped).await {
+        let coord = coord.clone();
+        tasks.spawn(async move {
+            let result = match cancel.kind {
+                Some(NodeKind::Atomic) => match &coord.atomic {
+                    Some(atomic) => atomic.cancel(&cancel.node_run_id).await,
+                    None => Ok(()),
+                },
+                Some(NodeKind::Composite) => match &coord.composite {
+                    Some(composite) => composite.cancel(&cancel.node_run_id).await,
+                    None => Ok(()),
+                },
+                None => Ok(()),
+            };
+            if let Err(err) = result {
+                tracing::warn!(node_run_id = %cancel.node_run_id, error = %err, "executor cancel failed");
+            }
+        });
+    }
+    drain(tasks, "executor cancels").await;
 }
 
 /// Takes up NodeRuns whose lease ran out and fails NodeRuns past their deadline.
@@ -163,11 +233,12 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
         tick.tick().await;
         if coord.config.auto_dispatch {
             loop {
-                let lease = coord.config.lease;
+                let (owner, duration) = (coord.lease_owner.clone(), coord.config.lease);
                 let claimed = coord
                     .store
                     .write(move |tx| {
-                        tx.claim_dispatchable(now_ms(), lease_until(lease), CLAIM_BATCH)
+                        let lease = Lease::from_now(&owner, duration);
+                        tx.claim_dispatchable(now_ms(), &lease, CLAIM_BATCH)
                     })
                     .await;
                 match claimed {
@@ -183,12 +254,18 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
         let grace = coord.config.timing.deadline_grace.as_millis() as i64;
         let overdue = coord
             .store
-            .read(|conn| overdue(conn, now_ms() - grace))
+            .overdue_node_runs(now_ms() - grace, OVERDUE_BATCH)
+            .await
             .unwrap_or_else(|err| {
                 tracing::error!(error = %err, "looking for overdue NodeRuns failed");
                 Vec::new()
             });
-        for (node_run_id, state, deadline_at) in overdue {
+        for OverdueNodeRun {
+            node_run_id,
+            state,
+            deadline_at,
+        } in overdue
+        {
             // A dispatch of ours gives its own verdict by deadline + CALL_GRACE, and may
             // hold an outcome it is still trying to record: leave it that long, and a grace more.
             let dispatching = dispatcher.in_flight.lock().unwrap().contains(&node_run_id);
@@ -196,7 +273,7 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
             if dispatching && now_ms() < deadline_at.saturating_add(patience) {
                 continue;
             }
-            let error = dispatcher.deadline_error(&node_run_id, &state, deadline_at);
+            let error = dispatcher.deadline_error(&node_run_id, state, deadline_at);
             if let Err(err) = coord.fail_node_run(&node_run_id, error).await {
                 tracing::error!(%node_run_id, error = %err, "failing an overdue NodeRun failed");
             }
@@ -206,15 +283,21 @@ async fn poll(dispatcher: Arc<Dispatcher>) {
 
 impl Dispatcher {
     /// `deadline_exceeded`, saying what kept the NodeRun from finishing.
-    fn deadline_error(&self, node_run_id: &str, state: &str, deadline_at: i64) -> ErrorDetail {
+    fn deadline_error(
+        &self,
+        node_run_id: &str,
+        state: NodeRunState,
+        deadline_at: i64,
+    ) -> ErrorDetail {
         let dispatching = self.in_flight.lock().unwrap().contains(node_run_id);
-        let why = if dispatching && state == "running" {
+        let running = state == NodeRunState::Running;
+        let why = if dispatching && running {
             "the executor did not answer before the deadline"
         } else if dispatching {
             "its dispatch did not reach the executor before the deadline"
         } else if self.started_ms > deadline_at {
             "the coordinator was not running at the deadline"
-        } else if state == "running" {
+        } else if running {
             "no dispatcher held it at the deadline (its dispatch failed and was not retried in time)"
         } else {
             "it was never dispatched (auto-dispatch off, or every dispatch attempt failed)"
@@ -226,7 +309,7 @@ impl Dispatcher {
         )
         .with_details(
             [
-                ("state".to_owned(), json!(state)),
+                ("state".to_owned(), json!(state.as_str())),
                 ("deadline_at".to_owned(), json!(iso(deadline_at))),
                 ("dispatching".to_owned(), json!(dispatching)),
                 (
@@ -250,6 +333,7 @@ fn time_from_ms(ms: i64) -> Option<String> {
 async fn renew(dispatcher: Arc<Dispatcher>) {
     let coord = &dispatcher.coord;
     let lease = coord.config.lease;
+    let owner = coord.lease_owner.clone();
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -262,10 +346,10 @@ async fn renew(dispatcher: Arc<Dispatcher>) {
             .cloned()
             .collect();
         for chunk in ids.chunks(RENEW_BATCH) {
-            let chunk = chunk.to_vec();
+            let (chunk, owner) = (chunk.to_vec(), owner.clone());
             let renewed = coord
                 .store
-                .write(move |tx| tx.renew_leases(&chunk, lease_until(lease)))
+                .write(move |tx| tx.renew_leases(&chunk, &Lease::from_now(&owner, lease)))
                 .await;
             if let Err(err) = renewed {
                 // The next tick tries again; in-process the NodeRun is not dispatched twice.
@@ -292,7 +376,7 @@ async fn prune(coord: Arc<Coordinator>, retention: Duration) {
                 .write(move |tx| {
                     let n = tx.prune_runs(cutoff, PRUNE_BATCH)?;
                     if n > 0 {
-                        tx.reclaim_free_pages(RECLAIM_PAGES)?;
+                        tx.reclaim_space(RECLAIM_PAGES)?;
                     }
                     Ok::<_, StoreError>(n)
                 })
@@ -316,18 +400,6 @@ async fn prune(coord: Arc<Coordinator>, retention: Duration) {
             tracing::debug!(runs = pruned, "deleted runs past the retention window");
         }
     }
-}
-
-fn overdue(
-    conn: &rusqlite::Connection,
-    before: i64,
-) -> Result<Vec<(String, String, i64)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT node_run_id, state, deadline_at FROM node_runs
-         WHERE state NOT IN ('succeeded', 'failed', 'canceled') AND deadline_at < ?1 LIMIT 256",
-    )?;
-    let rows = stmt.query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// What dispatching decided before the executor call.
@@ -360,13 +432,13 @@ async fn dispatch(coord: &Arc<Coordinator>, node_run_id: &str) {
 
 /// Kind, candidate and policy checks, then `running`, in one transaction.
 async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, StoreError> {
-    let Some(row) = coord.store.get_node_run(node_run_id)? else {
+    let Some(row) = coord.store.node_run(node_run_id).await? else {
         return Ok(Begin::Stop);
     };
     if row.node_run.state.is_terminal() || !row.dispatch_pending {
         return Ok(Begin::Stop);
     }
-    let Some(run) = coord.store.get_run(&row.node_run.run_id)? else {
+    let Some(run) = coord.store.run(&row.node_run.run_id).await? else {
         return Ok(Begin::Stop);
     };
     if run.state.is_terminal() {
@@ -426,51 +498,22 @@ async fn begin(coord: &Arc<Coordinator>, node_run_id: &str) -> Result<Begin, Sto
     let admission = Admission::new(coord, kind, effective, decision);
 
     let id = node_run_id.to_owned();
-    let (begin, cancels) = coord
+    let begun = coord
         .store
-        .write(move |tx| -> Result<_, StoreError> {
-            let Some(row) = tx.node_run(&id)? else {
-                return Ok((Begin::Stop, Vec::new()));
-            };
-            let Some(run) = tx.run(&row.node_run.run_id)? else {
-                return Ok((Begin::Stop, Vec::new()));
-            };
-            if row.node_run.state.is_terminal() || !row.dispatch_pending || run.state.is_terminal()
-            {
-                return Ok((Begin::Stop, Vec::new()));
-            }
-            let mut node_run = row.node_run;
-            node_run.kind = Some(kind);
-            if node_run.extensions.is_none()
-                || constraints_of(node_run.extensions.as_ref()).is_none()
-            {
-                node_run.extensions = crate::coordinator::extensions_with(
-                    node_run.extensions.as_ref(),
-                    [(
-                        crate::coordinator::ext::CONSTRAINTS,
-                        serde_json::to_value(&admission.effective).unwrap_or_default(),
-                    )],
-                );
-            }
-            admission.record_decision(tx, &node_run)?;
-            if let Some(error) = admission.refusal() {
-                let cancels = complete_in_tx(tx, node_run, Completion::failed(error))?;
-                return Ok((Begin::Stop, cancels));
-            }
-            admission.start(&mut node_run);
-            tx.update_node_run(&node_run)?;
-            Ok((
-                Begin::Execute(Box::new(Execution {
-                    node_run,
-                    run,
-                    deadline_at: row.deadline_at,
-                })),
-                Vec::new(),
-            ))
-        })
+        .write(move |tx| lifecycle::begin_dispatch(tx, &id, &admission))
         .await?;
-    coord.cancel_at_executors(cancels);
-    Ok(begin)
+    Ok(match begun {
+        Some(Begun {
+            node_run,
+            run,
+            deadline_at,
+        }) => Begin::Execute(Box::new(Execution {
+            node_run,
+            run,
+            deadline_at,
+        })),
+        None => Begin::Stop,
+    })
 }
 
 /// The policy action checked before a NodeRun is handed to its executor.
@@ -513,8 +556,50 @@ impl Admission {
         }
     }
 
+    /// The executor's binding, named by kind.
+    fn executor_binding(&self) -> ExecutorBinding {
+        ExecutorBinding {
+            executor_instance_id: match self.kind {
+                NodeKind::Atomic => "jarvis-atomic-executor".into(),
+                NodeKind::Composite => "jarvis-composite-executor".into(),
+            },
+            endpoint: self.endpoint.clone().unwrap_or_default(),
+            audience: None,
+            extensions: None,
+        }
+    }
+}
+
+impl Admit for Admission {
+    fn kind(&self) -> NodeKind {
+        self.kind
+    }
+
+    fn prepare(&self, node_run: &mut NodeRun) {
+        if node_run.extensions.is_none() || constraints_of(node_run.extensions.as_ref()).is_none() {
+            node_run.extensions = crate::coordinator::extensions_with(
+                node_run.extensions.as_ref(),
+                [(
+                    crate::coordinator::ext::CONSTRAINTS,
+                    serde_json::to_value(&self.effective).unwrap_or_default(),
+                )],
+            );
+        }
+    }
+
+    /// Appends the `policy_decided` event of the execute checkpoint.
+    fn record_decision(&self, tx: &mut dyn RunTx, node_run: &NodeRun) -> Result<(), StoreError> {
+        tx.append_event(
+            &node_run.run_id,
+            Some(&node_run.node_run_id),
+            RunEventType::PolicyDecided,
+            Some(policy::event_data(ACTION_EXECUTE, &self.decision)),
+        )?;
+        Ok(())
+    }
+
     /// Why the NodeRun may not run: denied by policy, or no executor for its kind.
-    pub fn refusal(&self) -> Option<ErrorDetail> {
+    fn refusal(&self) -> Option<ErrorDetail> {
         if !policy::allows(&self.decision) {
             return Some(ErrorDetail::new(
                 "policy_denied",
@@ -527,31 +612,8 @@ impl Admission {
             .map(|&(code, message)| ErrorDetail::new(code, message))
     }
 
-    /// Appends the `policy_decided` event of the execute checkpoint.
-    pub fn record_decision(&self, tx: &mut Tx<'_>, node_run: &NodeRun) -> Result<(), StoreError> {
-        tx.append_event(
-            &node_run.run_id,
-            Some(&node_run.node_run_id),
-            RunEventType::PolicyDecided,
-            Some(policy::event_data(ACTION_EXECUTE, &self.decision)),
-        )?;
-        Ok(())
-    }
-
-    /// The NodeRun as it is handed to its executor: `running`, bound to the executor.
-    pub fn start(&self, node_run: &mut NodeRun) {
-        node_run.kind = Some(self.kind);
-        node_run.state = NodeRunState::Running;
-        node_run.started_at.get_or_insert_with(now_rfc3339);
-        node_run.executor_binding = Some(ExecutorBinding {
-            executor_instance_id: match self.kind {
-                NodeKind::Atomic => "jarvis-atomic-executor".into(),
-                NodeKind::Composite => "jarvis-composite-executor".into(),
-            },
-            endpoint: self.endpoint.clone().unwrap_or_default(),
-            audience: None,
-            extensions: None,
-        });
+    fn binding(&self) -> ExecutorBinding {
+        self.executor_binding()
     }
 }
 
@@ -568,7 +630,7 @@ async fn resolve_node_type(
             return info;
         }
         tokio::time::sleep(backoff(n, None, deadline_at)).await;
-        match coord.store.get_node_run(&node_run.node_run_id) {
+        match coord.store.node_run(&node_run.node_run_id).await {
             Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
             _ => return info,
         }
@@ -664,7 +726,7 @@ where
             }
         };
         tokio::time::sleep(backoff(n, retry_after, deadline_at)).await;
-        match coord.store.get_node_run(node_run_id) {
+        match coord.store.node_run(node_run_id).await {
             Ok(Some(row)) if !row.node_run.state.is_terminal() => {}
             _ => return Ok(None),
         }
@@ -704,6 +766,8 @@ where
     for n in 0u32.. {
         match write().await {
             Ok(value) => return Some(value),
+            // Shutting down: the lease runs out and whoever opens the database next takes it up.
+            Err(StoreError::Closed) => return None,
             Err(err) => {
                 tracing::warn!(%node_run_id, attempt = n, error = %err, "{what} failed; retrying");
             }
@@ -714,7 +778,7 @@ where
         let wait =
             rand::rng().random_range(ceiling.as_millis() as u64 / 2..=ceiling.as_millis() as u64);
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        match coord.store.get_node_run(node_run_id) {
+        match coord.store.node_run(node_run_id).await {
             Ok(Some(row)) if row.node_run.state.is_terminal() => return None,
             Ok(None) => return None,
             // A failing read is no reason to give up the outcome.
@@ -781,19 +845,13 @@ async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Resul
         },
         Err(error) => Completion::failed(error),
     };
-    let cancels = until_committed(coord, &id, "recording the outcome", || {
+    until_committed(coord, &id, "recording the outcome", || {
         let (id, completion) = (id.clone(), completion.clone());
-        coord.store.write(move |tx| -> Result<_, StoreError> {
-            match tx.node_run(&id)? {
-                Some(row) if !row.node_run.state.is_terminal() => {
-                    record_atomic_result(tx, row.node_run, completion)
-                }
-                _ => Ok(Vec::new()),
-            }
-        })
+        coord
+            .store
+            .write(move |tx| lifecycle::record_atomic_result(tx, &id, completion))
     })
     .await;
-    coord.cancel_at_executors(cancels.unwrap_or_default());
     Ok(())
 }
 

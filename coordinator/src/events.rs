@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 use crate::coordinator::Coordinator;
-use crate::store::{self, StoreError};
+use crate::store::{EventPageRequest, StoreError, StoredEvent};
 
 /// Events read per store round trip.
 const PAGE: usize = 512;
@@ -120,7 +120,7 @@ pub fn ndjson(
 
 struct Page {
     terminal: bool,
-    events: Vec<store::StoredEvent>,
+    events: Vec<StoredEvent>,
     scope_ids: Option<HashSet<String>>,
 }
 
@@ -132,21 +132,28 @@ async fn next_chunk(cursor: &mut Cursor) -> Result<Option<Bytes>, StoreError> {
         tokio::pin!(changed);
         changed.as_mut().enable();
         let req = &cursor.req;
-        let page = cursor.coord.store.read(|conn| {
-            // The state is read first: if it is terminal, the events read
-            // next include run_completed, committed with that state.
-            let terminal = store::run_is_terminal(conn, &req.run_id)?.unwrap_or(true);
-            let events = store::events_after(conn, &req.run_id, req.after_seq, PAGE)?;
-            let scope_ids = match (&req.scope, events.is_empty()) {
-                (Scope::NodeRun(root), false) => Some(descendants(conn, &req.run_id, root)?),
-                _ => None,
-            };
-            Ok(Page {
-                terminal,
-                events,
-                scope_ids,
+        let scope_root = match &req.scope {
+            Scope::NodeRun(root) => Some(root.as_str()),
+            Scope::Run => None,
+        };
+        let stored = cursor
+            .coord
+            .store
+            .event_page(EventPageRequest {
+                run_id: &req.run_id,
+                after_seq: req.after_seq,
+                limit: PAGE,
+                with_tree: scope_root.is_some(),
             })
-        })?;
+            .await?;
+        // The state is read first: if it is terminal, the events include run_completed.
+        let page = Page {
+            terminal: stored.terminal.unwrap_or(true),
+            scope_ids: scope_root
+                .zip(stored.tree.as_deref())
+                .map(|(root, tree)| descendants(tree, root)),
+            events: stored.events,
+        };
         // Nothing can follow a short page of a terminal run (its last event is
         // in it) or of a stream that does not follow: no need to read again.
         let last_page = page.events.len() < PAGE && (page.terminal || !req.follow);
@@ -182,23 +189,18 @@ async fn next_chunk(cursor: &mut Cursor) -> Result<Option<Bytes>, StoreError> {
     }
 }
 
-fn descendants(
-    conn: &rusqlite::Connection,
-    run_id: &str,
-    root: &str,
-) -> Result<HashSet<String>, StoreError> {
-    let tree = store::node_run_tree(conn, run_id)?;
+fn descendants(tree: &[(String, Option<String>)], root: &str) -> HashSet<String> {
     let mut ids = HashSet::from([root.to_owned()]);
     // Children are created after their parents, but ids carry no order: sweep to a fixed point.
     loop {
         let before = ids.len();
-        for (id, parent) in &tree {
+        for (id, parent) in tree {
             if parent.as_ref().is_some_and(|p| ids.contains(p)) {
                 ids.insert(id.clone());
             }
         }
         if ids.len() == before {
-            return Ok(ids);
+            return ids;
         }
     }
 }

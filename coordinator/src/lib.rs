@@ -9,17 +9,19 @@
 //!
 //! # Layout
 //! - [`config`]: command line and environment, validated into one `Config`.
-//! - [`api`]: the HTTP routes of `run-coordinator.openapi.yaml`.
+//! - [`api`]: the HTTP routes of `run-coordinator.openapi.yaml`; `api::error` maps
+//!   `RunError` to a status and an ARP `ErrorEnvelope` in one place.
 //! - [`coordinator`]: the operations (start, create children, complete, cancel).
 //! - [`constraints`]: merging constraint envelopes into the strictest one.
 //! - [`dispatch`]: the dispatch queue, retries, deadlines and crash recovery.
 //! - [`events`]: NDJSON event streams that follow a run live.
-//! - [`store`]: the SQLite store with its group-committing writer thread.
+//! - [`store`]: the store interface (reads, write transactions, commit effects);
+//!   `store::sqlite` implements it with a group-committing writer thread.
 //! - [`catalog`]: node kind resolution (registry, executors, prefix).
 //! - [`policy`]: PDP calls and the local deny/`dev-allow` fallback.
 //! - [`executors`]: several atomic executors: listings, health, routing, failover.
 //! - [`clients`]: HTTP clients of the other services, failures classified.
-//! - [`error`]: the API error type and its ARP `ErrorEnvelope`.
+//! - [`runs`]: domain rules of Runs and NodeRuns; `runs::error::RunError` with stable codes.
 
 pub mod api;
 pub mod catalog;
@@ -28,10 +30,10 @@ pub mod config;
 pub mod constraints;
 pub mod coordinator;
 pub mod dispatch;
-pub mod error;
 pub mod events;
 pub mod executors;
 pub mod policy;
+pub mod runs;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -47,7 +49,8 @@ use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::executors::AtomicExecutors;
 use crate::policy::Policy;
-use crate::store::{CommitHooks, Store};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{CommitEffects, EffectSink, Store};
 
 /// A coordinator serving on a bound address.
 #[derive(Debug)]
@@ -66,14 +69,24 @@ impl Server {
         let addr = listener.local_addr()?;
         let watchers = Arc::new(events::RunWatchers::default());
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
-        let store = Store::open(
+        let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
+        let sink_watchers = watchers.clone();
+        let sink: EffectSink = Box::new(move |effects: CommitEffects| {
+            for run_id in &effects.changed_runs {
+                sink_watchers.notify(run_id);
+            }
+            for node_run_id in effects.dispatch {
+                let _ = dispatch_tx.send(node_run_id);
+            }
+            for cancel in effects.executor_cancels {
+                let _ = cancel_tx.send(cancel);
+            }
+        });
+        let store = Store::new(Arc::new(SqliteStore::open(
             &config.db_path,
-            CommitHooks {
-                watchers: watchers.clone(),
-                dispatch: dispatch_tx,
-            },
             config.durability,
-        )?;
+            sink,
+        )?));
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
@@ -110,9 +123,10 @@ impl Server {
             atomic,
             composite,
             watchers,
+            lease_owner: coordinator::new_id("coordinator").into(),
             config,
         });
-        let background = dispatch::spawn(coordinator.clone(), dispatch_rx);
+        let background = dispatch::spawn(coordinator.clone(), dispatch_rx, cancel_rx);
         Ok(Self {
             addr,
             coordinator,
@@ -147,6 +161,7 @@ impl Server {
         if let Some(atomic) = &coordinator.atomic {
             atomic.shutdown().await;
         }
+        coordinator.store.close().await;
         served
     }
 }

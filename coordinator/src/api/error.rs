@@ -4,6 +4,7 @@ use arp_types::{ErrorDetail, ErrorEnvelope, JsonObject};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::runs::error::RunError;
 use crate::store::StoreError;
 
 /// An error answered to a client with a stable `code`.
@@ -26,10 +27,6 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
-    pub fn conflict(code: &str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, code, message)
-    }
-
     pub fn invalid_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
@@ -42,10 +39,43 @@ impl ApiError {
     pub fn code(&self) -> &str {
         &self.detail.code
     }
+
+    fn retryable(mut self) -> Self {
+        self.detail.retryable = Some(true);
+        self
+    }
+}
+
+/// The one place a domain error becomes an HTTP status and an envelope.
+impl From<RunError> for ApiError {
+    fn from(err: RunError) -> Self {
+        let status = match &err {
+            RunError::Store(_) => return Self::from_store(&err),
+            RunError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            RunError::RunNotFound(_)
+            | RunError::NodeRunNotFound(_)
+            | RunError::ParentNotFound(_) => StatusCode::NOT_FOUND,
+            RunError::RunAlreadyExists(_)
+            | RunError::ParentMismatch
+            | RunError::ParentNotComposite
+            | RunError::RunNotActive { .. }
+            | RunError::ParentTerminal(_)
+            | RunError::ConstraintViolation(_)
+            | RunError::IdempotencyConflict(_)
+            | RunError::NodeRunAlreadyTerminal { .. } => StatusCode::CONFLICT,
+        };
+        Self::new(status, err.code(), err.to_string())
+    }
 }
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
+        Self::from_store(&err)
+    }
+}
+
+impl ApiError {
+    fn from_store(err: &dyn std::error::Error) -> Self {
         // The detail goes to the log, never to the client.
         tracing::error!(error = %err, "store failure");
         Self::new(
@@ -54,13 +84,6 @@ impl From<StoreError> for ApiError {
             "Internal storage error",
         )
         .retryable()
-    }
-}
-
-impl ApiError {
-    fn retryable(mut self) -> Self {
-        self.detail.retryable = Some(true);
-        self
     }
 }
 

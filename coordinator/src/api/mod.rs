@@ -1,5 +1,7 @@
 //! The HTTP surface of `run-coordinator.openapi.yaml`: routes, body parsing, responses.
 
+pub mod error;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -13,8 +15,8 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use self::error::ApiError;
 use crate::coordinator::Coordinator;
-use crate::error::ApiError;
 use crate::events::{self, Scope, StreamRequest};
 
 pub fn router(coord: Arc<Coordinator>) -> Router {
@@ -107,7 +109,7 @@ async fn get_run(
     if segment.contains(':') {
         return Err(method_not_allowed_error());
     }
-    Ok(json(StatusCode::OK, &coord.get_run(&segment)?))
+    Ok(json(StatusCode::OK, &coord.get_run(&segment).await?))
 }
 
 async fn run_action(
@@ -135,7 +137,7 @@ async fn get_node_run(
     if segment.contains(':') {
         return Err(method_not_allowed_error());
     }
-    Ok(json(StatusCode::OK, &coord.get_node_run(&segment)?))
+    Ok(json(StatusCode::OK, &coord.get_node_run(&segment).await?))
 }
 
 async fn node_run_action(
@@ -183,7 +185,7 @@ async fn run_events(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (after_seq, follow) = stream_options(&query)?;
-    coord.ensure_run(&run_id)?;
+    coord.ensure_run(&run_id).await?;
     Ok(ndjson(
         coord,
         StreamRequest {
@@ -201,7 +203,7 @@ async fn node_run_events(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (after_seq, follow) = stream_options(&query)?;
-    let node_run = coord.get_node_run(&node_run_id)?;
+    let node_run = coord.get_node_run(&node_run_id).await?;
     let req = StreamRequest {
         run_id: node_run.run_id,
         scope: Scope::NodeRun(node_run_id),
