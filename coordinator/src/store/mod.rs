@@ -335,8 +335,11 @@ pub trait RunStore: Send + Sync + fmt::Debug {
 
 type Finisher = Box<dyn FnOnce(Result<(), Arc<StoreError>>) + Send>;
 
+/// A job's body: run with the transaction, or with `None` when it is refused.
+type JobBody = dyn FnOnce(Option<&mut dyn RunTx>) -> JobDone + Send;
+
 /// A write job as a backend sees it: opaque, run once or refused once.
-pub struct WriteJob(Box<dyn FnOnce(Option<&mut dyn RunTx>) -> JobDone + Send>);
+pub struct WriteJob(Box<JobBody>);
 
 impl fmt::Debug for WriteJob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
