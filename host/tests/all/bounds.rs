@@ -1,6 +1,5 @@
 //! Hostile pack declarations: every one is refused at load, cheaply, and the rest still served.
 
-use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use jarvis_atomic_executor::packs::load::describe_budget;

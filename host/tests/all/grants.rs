@@ -245,9 +245,6 @@ async fn the_executor_refuses_to_start_on_a_bad_grants_file() {
 /// that a node reads: no line it writes carries the value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_read_by_a_node_never_reaches_the_log() {
-    use std::io::BufRead;
-    use std::time::{Duration, Instant};
-
     let dir = tempfile::tempdir().unwrap();
     let packs = dir.path().join("packs");
     std::fs::create_dir(&packs).unwrap();

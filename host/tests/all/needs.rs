@@ -276,9 +276,6 @@ async fn a_malformed_needs_answer_skips_the_pack_with_its_reason() {
 /// carries the granted secret's value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_says_which_node_is_not_served_and_why_and_never_a_secrets_value() {
-    use std::io::BufRead;
-    use std::time::{Duration, Instant};
-
     let dir = tempfile::tempdir().unwrap();
     let packs = dir.path().join("packs");
     std::fs::create_dir(&packs).unwrap();
