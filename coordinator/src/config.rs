@@ -38,6 +38,10 @@ pub struct Args {
     /// Default: $XDG_DATA_HOME/jarvis/run-coordinator.sqlite3 (or ~/.local/share/...).
     #[arg(long, env = "JARVIS_RUN_COORDINATOR_DB")]
     pub db: Option<PathBuf>,
+    /// PostgreSQL instead of SQLite (`postgres://user@host:port/database`; no TLS).
+    /// Several coordinators may share one database and its work.
+    #[arg(long, env = "JARVIS_RUN_COORDINATOR_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
     /// Atomic Executor base URL, or a comma-separated list of them. A NodeRun goes to
     /// the executors whose `GET /v1/node-types` lists its node type and version, the
     /// least busy first; one that fails, answers 5xx or stops answering leaves the
@@ -176,7 +180,7 @@ impl Default for Timing {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: String,
-    pub db_path: PathBuf,
+    pub database: Database,
     /// Empty when none is configured: atomic NodeRuns then fail `atomic_executor_unconfigured`.
     pub atomic_executor_urls: Vec<String>,
     pub composite_executor_url: Option<String>,
@@ -197,6 +201,38 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Client-credentials tokens for the services the coordinator calls.
     pub outbound: OutboundAuth,
+}
+
+/// Where runs are stored.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// An SQLite file: one coordinator process.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL: any number of coordinator processes.
+    Postgres(String),
+}
+
+impl Database {
+    /// How logs name it: the file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(path) => path.display().to_string(),
+            Database::Postgres(url) => match url::Url::parse(url) {
+                Ok(mut parsed) if parsed.password().is_some() => {
+                    let _ = parsed.set_password(Some("***"));
+                    parsed.to_string()
+                }
+                Ok(parsed) => parsed.to_string(),
+                Err(_) => "postgres (unparsed URL)".to_owned(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 /// The decision taken when no PDP is configured.
@@ -259,9 +295,19 @@ impl Config {
         if args.lease_secs == 0 {
             anyhow::bail!("--lease-secs must be at least 1");
         }
+        let database = match either(args.database_url, None) {
+            Some(url) => {
+                let url = url.trim().to_owned();
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    anyhow::bail!("--database-url must be a postgres:// or postgresql:// URL");
+                }
+                Database::Postgres(url)
+            }
+            None => Database::Sqlite(args.db.unwrap_or_else(default_db_path)),
+        };
         Ok(Self {
             listen,
-            db_path: args.db.unwrap_or_else(default_db_path),
+            database,
             atomic_executor_urls,
             composite_executor_url: url(
                 args.composite_executor_url,
@@ -290,7 +336,7 @@ impl Config {
         let (auth, outbound) = Self::insecure_auth();
         Self {
             listen: "127.0.0.1:0".into(),
-            db_path: db_path.to_owned(),
+            database: Database::Sqlite(db_path.to_owned()),
             atomic_executor_urls: Vec::new(),
             composite_executor_url: None,
             node_registry_url: None,

@@ -45,10 +45,11 @@ use tokio::sync::mpsc;
 
 use crate::catalog::NodeCatalog;
 use crate::clients::{CompositeExecutorClient, Http, NodeRegistryClient, PdpClient};
-use crate::config::Config;
+use crate::config::{Config, Database};
 use crate::coordinator::Coordinator;
 use crate::executors::AtomicExecutors;
 use crate::policy::Policy;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{CommitEffects, EffectSink, Store};
 
@@ -82,11 +83,15 @@ impl Server {
                 let _ = cancel_tx.send(cancel);
             }
         });
-        let store = Store::new(Arc::new(SqliteStore::open(
-            &config.db_path,
-            config.durability,
-            sink,
-        )?));
+        let lease_owner: Arc<str> = coordinator::new_id("coordinator").into();
+        let store = match &config.database {
+            Database::Sqlite(path) => {
+                Store::new(Arc::new(SqliteStore::open(path, config.durability, sink)?))
+            }
+            Database::Postgres(url) => Store::new(Arc::new(
+                PgStore::open(url, config.durability, &lease_owner, sink).await?,
+            )),
+        };
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
@@ -123,7 +128,7 @@ impl Server {
             atomic,
             composite,
             watchers,
-            lease_owner: coordinator::new_id("coordinator").into(),
+            lease_owner,
             config,
         });
         let background = dispatch::spawn(coordinator.clone(), dispatch_rx, cancel_rx);

@@ -47,7 +47,7 @@ fn log_startup(server: &Server) {
     };
     tracing::info!(
         addr = %server.addr,
-        db = %config.db_path.display(),
+        database = %config.database.describe(),
         atomic_executors = %atomic_executors,
         composite_executor = %or_none(&config.composite_executor_url),
         node_registry = %or_none(&config.node_registry_url),

@@ -17,6 +17,7 @@
 //!
 //! Times are milliseconds since the Unix epoch ([`now_ms`]).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;

@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::support::{
-    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, assert_gapless,
-    types,
+    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, TestDb,
+    assert_gapless, types,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -626,8 +626,7 @@ async fn event_stream_follows_live_and_resumes_after_a_seq() {
 
 #[tokio::test]
 async fn runs_survive_a_restart_on_the_same_database() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("c.sqlite3");
+    let db = TestDb::new().await;
     let ce = TestCompositeExecutor::start(CompositeMode::Hold).await;
     let opts = Options {
         composite_executor_url: Some(ce.url.clone()),

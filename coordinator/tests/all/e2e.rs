@@ -1,17 +1,15 @@
 //! End to end with the real atomic executor (`jarvis-atomic-executor`) on port 0.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use jarvis_atomic_executor::RunningServer;
 use jarvis_atomic_executor::config::Config as ExecutorConfig;
-use jarvis_atomic_executor::watpack::{WatNode, WatPack};
 use serde_json::{Value, json};
 
 use crate::support::{
-    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, assert_gapless,
-    client, types,
+    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, Process, TestCompositeExecutor, TestDb,
+    assert_gapless, client, free_port, spin_pack, types, wait_healthy,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -137,13 +135,6 @@ async fn composite_root_runs_three_echo_children_through_a_composite_executor() 
 }
 
 /// A pack whose node never returns: only cancellation (or its time limit) stops it.
-fn spin_pack() -> Vec<u8> {
-    let wat = WatPack::new("jarvis-test-spin", "1.0.0")
-        .node(WatNode::new("jarvis.test.spin", "1.0.0"))
-        .to_wat("(loop $forever (br $forever)) (unreachable)");
-    jarvis_atomic_executor::wasmtime_wat(&wat).unwrap()
-}
-
 #[tokio::test]
 async fn cancel_run_stops_a_spinning_guest_in_the_executor() {
     let ex = executor().await;
@@ -317,65 +308,6 @@ async fn retries_stop_at_the_deadline_with_a_clear_code() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The coordinator binary, killed with SIGKILL by `kill_9`.
-struct Process(Child);
-
-impl Process {
-    fn spawn(db: &std::path::Path, port: u16, executor_url: &str) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_jarvis-run-coordinator"))
-            // Short leases: NodeRuns the killed process held are taken up again in seconds.
-            .args(["--lease-secs", "2", "--port", &port.to_string(), "--db"])
-            .arg(db)
-            .env("JARVIS_ATOMIC_EXECUTOR_URL", executor_url)
-            .env("JARVIS_POLICY_PROFILE", "dev-allow")
-            // No tokens in this test: without it, auth is required and outbound
-            // client credentials are demanded at start.
-            .env("ARP_AUTH_PROFILE", "dev-insecure")
-            .env("LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Self(child)
-    }
-
-    fn kill_9(&mut self) {
-        self.0.kill().unwrap(); // SIGKILL on Unix
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_healthy(url: &str) {
-    let http = client();
-    for _ in 0..200 {
-        if http
-            .get(format!("{url}/v1/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("coordinator at {url} did not come up");
-}
-
 #[tokio::test]
 async fn kill_9_mid_run_then_restart_finishes_every_run() {
     let ex = executor().await;
@@ -385,8 +317,7 @@ async fn kill_9_mid_run_then_restart_finishes_every_run() {
         .load_bytes("spin.wasm", &spin_pack())
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("coordinator.sqlite3");
+    let db = TestDb::new().await;
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut first = Process::spawn(&db, port, &ex.url());

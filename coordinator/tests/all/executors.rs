@@ -4,43 +4,23 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use jarvis_atomic_executor::RunningServer;
 use jarvis_atomic_executor::config::Config as ExecutorConfig;
 use jarvis_atomic_executor::watpack::{WatNode, WatPack};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
+use crate::proxy::ExecutorProxy;
 use crate::support::{Coordinator, Options, types};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A real executor behind a real HTTP proxy that logs the execute calls it receives and
-/// can stop answering (every request, health probes included, waits, and so do answers
-/// on their way back), as an executor stopped with SIGSTOP would.
-struct Executor {
-    url: String,
-    server: RunningServer,
-    frozen: watch::Sender<bool>,
-    executed: Arc<Mutex<Vec<String>>>,
-}
-
-#[derive(Clone)]
-struct ProxyState {
-    upstream: String,
-    frozen: watch::Receiver<bool>,
-    executed: Arc<Mutex<Vec<String>>>,
-    http: reqwest::Client,
-}
+/// A real executor serving the built-in echo and the given WAT nodes, behind a recording proxy.
+struct Executor;
 
 impl Executor {
-    /// An executor serving the built-in echo and the given WAT nodes.
-    async fn start(nodes: &[&str]) -> Self {
+    async fn start(nodes: &[&str]) -> ExecutorProxy {
         let server = RunningServer::spawn(&ExecutorConfig::for_tests())
             .await
             .unwrap();
@@ -53,65 +33,8 @@ impl Executor {
                 .await
                 .unwrap();
         }
-        let (frozen, watching) = watch::channel(false);
-        let executed = Arc::new(Mutex::new(Vec::new()));
-        let state = ProxyState {
-            upstream: server.url(),
-            frozen: watching,
-            executed: executed.clone(),
-            http: reqwest::Client::new(),
-        };
-        let app = Router::new().fallback(forward).with_state(state);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self {
-            url,
-            server,
-            frozen,
-            executed,
-        }
+        ExecutorProxy::in_front_of(server, Duration::ZERO).await
     }
-
-    fn stop_answering(&self) {
-        self.frozen.send_replace(true);
-    }
-
-    fn answer_again(&self) {
-        self.frozen.send_replace(false);
-    }
-
-    /// The `node_run_id`s of the execute calls it received, in order, repeats included.
-    fn executed(&self) -> Vec<String> {
-        self.executed.lock().unwrap().clone()
-    }
-}
-
-async fn forward(
-    State(proxy): State<ProxyState>,
-    method: Method,
-    uri: Uri,
-    body: Bytes,
-) -> axum::response::Response {
-    if uri.path().ends_with(":execute") {
-        let request: Value = serde_json::from_slice(&body).unwrap();
-        let id = request["node_run_id"].as_str().unwrap().to_owned();
-        proxy.executed.lock().unwrap().push(id);
-    }
-    let mut frozen = proxy.frozen.clone();
-    let _ = frozen.wait_for(|f| !*f).await;
-    let upstream = proxy
-        .http
-        .request(method, format!("{}{}", proxy.upstream, uri))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = upstream.status();
-    let text = upstream.text().await.unwrap();
-    let _ = frozen.wait_for(|f| !*f).await;
-    (status, [("content-type", "application/json")], text).into_response()
 }
 
 /// A pack with one node that returns its inputs.

@@ -1,94 +1,17 @@
 //! The coordinator under real SQLite write failures: nothing acknowledged is stranded.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use axum::routing::post;
-use jarvis_atomic_executor::RunningServer;
-use jarvis_atomic_executor::config::Config as ExecutorConfig;
 use jarvis_run_coordinator::config::Timing;
 use jarvis_run_coordinator::store::WriteFault;
 use serde_json::{Value, json};
 
-use crate::support::{Coordinator, Options, json_response, types};
-
-/// Execute requests the proxy forwarded: (node_run_id, body).
-type Seen = Arc<Mutex<Vec<(String, Value)>>>;
-
-/// A real HTTP proxy in front of the real executor that holds every execute call for
-/// `delay` (so outcomes arrive while the store fails) and logs what the executor saw.
-struct ExecutorProxy {
-    url: String,
-    seen: Seen,
-    _executor: RunningServer,
-}
-
-#[derive(Clone)]
-struct ProxyState {
-    upstream: String,
-    delay: Duration,
-    seen: Seen,
-    http: reqwest::Client,
-}
-
-impl ExecutorProxy {
-    async fn start(delay: Duration) -> Self {
-        let executor = RunningServer::spawn(&ExecutorConfig::for_tests())
-            .await
-            .unwrap();
-        let seen = Seen::default();
-        let state = ProxyState {
-            upstream: executor.url(),
-            delay,
-            seen: seen.clone(),
-            http: reqwest::Client::new(),
-        };
-        let app = Router::new().fallback(forward).with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self {
-            url,
-            seen,
-            _executor: executor,
-        }
-    }
-
-    fn seen(&self) -> Vec<(String, Value)> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-async fn forward(
-    State(proxy): State<ProxyState>,
-    method: Method,
-    uri: Uri,
-    body: Bytes,
-) -> axum::response::Response {
-    if uri.path().ends_with(":execute") {
-        let request: Value = serde_json::from_slice(&body).unwrap();
-        let id = request["node_run_id"].as_str().unwrap().to_owned();
-        proxy.seen.lock().unwrap().push((id, request));
-        tokio::time::sleep(proxy.delay).await;
-    }
-    let upstream = proxy
-        .http
-        .request(method, format!("{}{}", proxy.upstream, uri))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = upstream.status();
-    let text = upstream.text().await.unwrap();
-    (status, [("content-type", "application/json")], text).into_response()
-}
+use crate::proxy::ExecutorProxy;
+use crate::support::{Coordinator, Options, TestDb, json_response, types};
 
 /// A real PDP that allows everything after `delay`, so a dispatch's begin
 /// transaction comes a known time after the run was acknowledged.
@@ -297,8 +220,7 @@ async fn a_node_run_past_its_deadline_says_why() {
 
 #[tokio::test]
 async fn a_deadline_that_passed_while_no_coordinator_ran_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("coordinator.sqlite3");
+    let db = TestDb::new().await;
     let mut options = fast_options("http://127.0.0.1:9");
     options.no_auto_dispatch = true;
     let first = Coordinator::start_at(&db, options.clone()).await;

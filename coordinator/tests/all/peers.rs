@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::support::{
-    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, config,
+    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, TestDb, config,
     json_response,
 };
 
@@ -26,12 +26,12 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Started {
     coord: Coordinator,
     _stop: oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
+    _db: TestDb,
 }
 
 async fn start(opts: Options, edit: impl FnOnce(&mut Config)) -> Started {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config(&dir.path().join("coordinator.sqlite3"), &opts);
+    let db = TestDb::new().await;
+    let mut config = config(&db, &opts);
     edit(&mut config);
     let server = Server::bind(config).await.unwrap();
     let url = format!("http://{}", server.addr);
@@ -42,7 +42,7 @@ async fn start(opts: Options, edit: impl FnOnce(&mut Config)) -> Started {
     Started {
         coord: Coordinator::attach(&url),
         _stop: stop,
-        _dir: dir,
+        _db: db,
     }
 }
 

@@ -8,7 +8,9 @@ use jarvis_atomic_executor::RunningServer;
 use jarvis_atomic_executor::config::Config as ExecutorConfig;
 use serde_json::json;
 
-use crate::support::{COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor};
+use crate::support::{
+    COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, TestDb,
+};
 
 async fn executor() -> RunningServer {
     RunningServer::spawn(&ExecutorConfig::for_tests())
@@ -100,8 +102,8 @@ async fn runs_past_the_window_disappear_with_their_node_runs_and_events() {
 #[tokio::test]
 async fn under_steady_load_the_database_stops_growing() {
     let ex = executor().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("coordinator.sqlite3");
+    // The file's size is SQLite's; PostgreSQL reclaims space by autovacuum.
+    let db = TestDb::sqlite();
     let coord = Coordinator::start_at(
         &db,
         Options {
@@ -135,7 +137,7 @@ async fn under_steady_load_the_database_stops_growing() {
             .collect();
         futures_util::future::join_all(batch).await;
         runs += 8;
-        samples.push((started.elapsed(), used_pages(&db)));
+        samples.push((started.elapsed(), used_pages(db.sqlite_path())));
     }
     let at = |t: Duration| {
         samples

@@ -1,6 +1,7 @@
 //! Test harness: coordinators on port 0, a test Composite Executor, HTTP helpers.
 
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,8 +12,9 @@ use axum::extract::{Path as AxPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use jarvis_atomic_executor::watpack::{WatNode, WatPack};
 use jarvis_run_coordinator::Server;
-use jarvis_run_coordinator::config::{Config, LocalPolicy, Timing, parse_url_list};
+use jarvis_run_coordinator::config::{Config, Database, LocalPolicy, Timing, parse_url_list};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -38,8 +40,119 @@ pub struct Options {
     pub no_auto_dispatch: bool,
 }
 
-pub fn config(db: &Path, opts: &Options) -> Config {
-    let mut config = Config::for_tests(db);
+/// Where the suite's coordinators store runs: SQLite by default; with
+/// `JARVIS_TEST_DATABASE=postgres`, PostgreSQL (see [`TestDb`]).
+pub fn postgres_wanted() -> bool {
+    std::env::var("JARVIS_TEST_DATABASE").is_ok_and(|v| v.eq_ignore_ascii_case("postgres"))
+}
+
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("JARVIS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A database of a test's own, dropped with it: a file in a temporary directory,
+/// or (see [`postgres_wanted`]) a fresh PostgreSQL database, so tests run in parallel.
+#[derive(Debug)]
+pub struct TestDb {
+    pub database: Database,
+    _dir: tempfile::TempDir,
+    /// The PostgreSQL database's name, to drop.
+    postgres: Option<String>,
+}
+
+impl TestDb {
+    /// The backend the suite runs on.
+    pub async fn new() -> Self {
+        if postgres_wanted() {
+            Self::postgres().await
+        } else {
+            Self::sqlite()
+        }
+    }
+
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            database: Database::Sqlite(dir.path().join("coordinator.sqlite3")),
+            _dir: dir,
+            postgres: None,
+        }
+    }
+
+    /// A new, empty PostgreSQL database.
+    pub async fn postgres() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "jarvis_test_{}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            rand_suffix()
+        );
+        let admin = postgres_admin_url();
+        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin}: {e}"));
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+        let mut url = url::Url::parse(&admin).unwrap();
+        url.set_path(&name);
+        Self {
+            database: Database::Postgres(url.to_string()),
+            _dir: tempfile::tempdir().unwrap(),
+            postgres: Some(name),
+        }
+    }
+
+    /// The SQLite file; panics on PostgreSQL.
+    pub fn sqlite_path(&self) -> &Path {
+        match &self.database {
+            Database::Sqlite(path) => path,
+            Database::Postgres(_) => panic!("not an SQLite database"),
+        }
+    }
+
+    /// The coordinator binary's flags for this database.
+    pub fn flags(&self) -> Vec<std::ffi::OsString> {
+        match &self.database {
+            Database::Sqlite(path) => vec!["--db".into(), path.into()],
+            Database::Postgres(url) => vec!["--database-url".into(), url.into()],
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) % 1_000_000
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.postgres.take() else {
+            return;
+        };
+        // The synchronous client runs a runtime of its own: not on a runtime's thread.
+        let admin = postgres_admin_url();
+        let dropped = std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&admin, postgres::NoTls)?;
+            client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop a test database: {dropped:?}");
+        }
+    }
+}
+
+pub fn config(db: &TestDb, opts: &Options) -> Config {
+    let mut config = Config::for_tests(Path::new("unused"));
+    config.database = db.database.clone();
     if let Some(urls) = &opts.atomic_executor_url {
         config.atomic_executor_urls = parse_url_list(urls).unwrap();
     }
@@ -70,19 +183,19 @@ pub struct Coordinator {
     /// The coordinator itself when it runs in this process (for its store's test hooks).
     pub core: Option<Arc<jarvis_run_coordinator::coordinator::Coordinator>>,
     _stop: oneshot::Sender<()>,
-    _dir: Option<tempfile::TempDir>,
+    _db: Option<TestDb>,
 }
 
 impl Coordinator {
     pub async fn start(opts: Options) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("coordinator.sqlite3");
+        let db = TestDb::new().await;
         let mut c = Self::start_at(&db, opts).await;
-        c._dir = Some(dir);
+        c._db = Some(db);
         c
     }
 
-    pub async fn start_at(db: &Path, opts: Options) -> Self {
+    /// A coordinator on `db`, which outlives it (for restarts, or several coordinators).
+    pub async fn start_at(db: &TestDb, opts: Options) -> Self {
         let server = Server::bind(config(db, &opts)).await.unwrap();
         let url = format!("http://{}", server.addr);
         let core = Some(server.coordinator.clone());
@@ -95,7 +208,7 @@ impl Coordinator {
             core,
             http: client(),
             _stop: stop,
-            _dir: None,
+            _db: None,
         }
     }
 
@@ -107,7 +220,7 @@ impl Coordinator {
             core: None,
             http: client(),
             _stop: stop,
-            _dir: None,
+            _db: None,
         }
     }
 
@@ -402,4 +515,71 @@ async fn fan_out(req: CompositeBeginRequest) {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The coordinator binary, killed with SIGKILL by `kill_9`.
+pub struct Process(Child);
+
+impl Process {
+    pub fn spawn(db: &TestDb, port: u16, executor_url: &str) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_jarvis-run-coordinator"))
+            // Short leases: NodeRuns the killed process held are taken up again in seconds.
+            .args(["--lease-secs", "2", "--port", &port.to_string()])
+            .args(db.flags())
+            .env("JARVIS_ATOMIC_EXECUTOR_URL", executor_url)
+            .env("JARVIS_POLICY_PROFILE", "dev-allow")
+            // No tokens in this test: without it, auth is required and outbound
+            // client credentials are demanded at start.
+            .env("ARP_AUTH_PROFILE", "dev-insecure")
+            .env("LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    pub fn kill_9(&mut self) {
+        self.0.kill().unwrap(); // SIGKILL on Unix
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn wait_healthy(url: &str) {
+    let http = client();
+    for _ in 0..200 {
+        if http
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("coordinator at {url} did not come up");
+}
+
+/// A pack whose one node, `jarvis.test.spin` 1.0.0, loops until stopped.
+pub fn spin_pack() -> Vec<u8> {
+    let wat = WatPack::new("jarvis-test-spin", "1.0.0")
+        .node(WatNode::new("jarvis.test.spin", "1.0.0"))
+        .to_wat("(loop $forever (br $forever)) (unreachable)");
+    jarvis_atomic_executor::wasmtime_wat(&wat).unwrap()
 }
