@@ -816,7 +816,7 @@ async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Resul
             let atomic = atomic.clone();
             let request = &request;
             async move {
-                let result = atomic.execute(request, timeout).await?;
+                let (result, answered_by) = atomic.execute(request, timeout).await?;
                 if result.node_run_id != request.node_run_id {
                     return Err(CallError::terminal(
                         "atomic_executor_bad_response",
@@ -830,26 +830,29 @@ async fn execute_atomic(coord: &Arc<Coordinator>, execution: Execution) -> Resul
                         retry_after: None,
                     });
                 }
-                Ok(result)
+                Ok((result, answered_by))
             }
         },
     )
     .await;
-    let completion = match outcome {
+    let (completion, answered_by) = match outcome {
         Ok(None) => return Ok(()),
-        Ok(Some(result)) => Completion {
-            state: result.state,
-            outputs: result.outputs,
-            output_artifacts: result.output_artifacts,
-            error: result.error,
-        },
-        Err(error) => Completion::failed(error),
+        Ok(Some((result, answered_by))) => (
+            Completion {
+                state: result.state,
+                outputs: result.outputs,
+                output_artifacts: result.output_artifacts,
+                error: result.error,
+            },
+            Some(answered_by),
+        ),
+        Err(error) => (Completion::failed(error), None),
     };
     until_committed(coord, &id, "recording the outcome", || {
-        let (id, completion) = (id.clone(), completion.clone());
+        let (id, completion, answered_by) = (id.clone(), completion.clone(), answered_by.clone());
         coord
             .store
-            .write(move |tx| lifecycle::record_atomic_result(tx, &id, completion))
+            .write(move |tx| lifecycle::record_atomic_result(tx, &id, completion, answered_by))
     })
     .await;
     Ok(())

@@ -150,7 +150,8 @@ impl AtomicExecutors {
         self.inner.members.iter().map(|m| m.url.as_str()).collect()
     }
 
-    /// What a NodeRun's `executor_binding.endpoint` says: the URL, or the list of them.
+    /// What a NodeRun's `executor_binding.endpoint` says until an executor answers
+    /// (then its URL): the URL, or the list of them.
     pub fn endpoint(&self) -> String {
         self.urls().join(",")
     }
@@ -212,11 +213,13 @@ impl AtomicExecutors {
 
     /// Sends the request to an executor that serves its node type, and on a
     /// transient failure to the next one; the error is the last executor's.
+    /// Sends the NodeRun to an executor that lists its node type; answers with the
+    /// result and the URL of the executor that gave it.
     pub async fn execute(
         &self,
         request: &AtomicExecuteRequest,
         timeout: Duration,
-    ) -> Result<AtomicExecuteResult, CallError> {
+    ) -> Result<(AtomicExecuteResult, String), CallError> {
         let started = Instant::now();
         let r = &request.node_type_ref;
         let _sent = SentGuard {
@@ -268,7 +271,7 @@ impl AtomicExecutors {
                         retry_after,
                     });
                 }
-                other => return other,
+                other => return other.map(|result| (result, self.inner.members[i].url.clone())),
             }
         }
     }

@@ -243,15 +243,21 @@ fn apply_evaluation(
 
 /// The atomic executor's result, if the NodeRun is still open, becomes an evaluation
 /// plus a completion, as in the Python coordinator.
+/// Records an atomic executor's verdict; `answered_by`, the executor that gave it,
+/// becomes the NodeRun's binding endpoint (several executors may serve one node type).
 pub fn record_atomic_result(
     tx: &mut dyn RunTx,
     node_run_id: &str,
     completion: Completion,
+    answered_by: Option<String>,
 ) -> Result<(), StoreError> {
-    let node_run = match tx.node_run(node_run_id)? {
+    let mut node_run = match tx.node_run(node_run_id)? {
         Some(row) if !row.node_run.state.is_terminal() => row.node_run,
         _ => return Ok(()),
     };
+    if let (Some(url), Some(binding)) = (answered_by, node_run.executor_binding.as_mut()) {
+        binding.endpoint = url;
+    }
     let status = if completion.state == NodeRunState::Succeeded {
         EvaluationStatus::Success
     } else {
@@ -266,7 +272,6 @@ pub fn record_atomic_result(
         extensions: None,
     };
     // Stored once, by the completion.
-    let mut node_run = node_run;
     apply_evaluation(tx, &mut node_run, evaluation, None)?;
     complete(tx, node_run, completion)
 }

@@ -8,11 +8,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use jarvis_run_coordinator::config::Database;
 use serde_json::{Value, json};
 
 use crate::proxy::ExecutorProxy;
 use crate::support::{
-    Coordinator, Process, TestDb, assert_gapless, free_port, spin_pack, wait_healthy,
+    Coordinator, Options, Process, TestDb, assert_gapless, free_port, spin_pack, wait_healthy,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -227,4 +228,91 @@ async fn a_thousand_runs_complete_when_one_of_two_coordinators_is_killed() {
         started.elapsed(),
         repeated.len()
     );
+}
+
+#[tokio::test]
+async fn runs_complete_when_the_database_drops_every_connection_mid_load() {
+    let db = TestDb::postgres().await;
+    let ex = ExecutorProxy::start(Duration::from_millis(5)).await;
+    let coord = Arc::new(
+        Coordinator::start_at(
+            &db,
+            Options {
+                atomic_executor_url: Some(ex.url.clone()),
+                lease: Some(Duration::from_secs(2)),
+                ..Options::default()
+            },
+        )
+        .await,
+    );
+    let name = db.postgres_name().unwrap().to_owned();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let coord = coord.clone();
+            tokio::spawn(async move {
+                let (mut acknowledged, mut refused) = (Vec::new(), 0);
+                for i in 0..40 {
+                    match post_run(&coord, &echo(c * 100 + i)).await {
+                        Some(run) => acknowledged.push(run["run_id"].as_str().unwrap().to_owned()),
+                        None => refused += 1,
+                    }
+                }
+                (acknowledged, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Every connection the coordinator has to its database (writer, readers, listener).
+    TestDb::admin(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+    ))
+    .await;
+    let (mut runs, mut refused) = (Vec::new(), 0);
+    for client in clients {
+        let (acknowledged, n) = client.await.unwrap();
+        runs.extend(acknowledged);
+        refused += n;
+    }
+    // Refused at the moment of the cut, with an error: never acknowledged and lost.
+    assert!(refused < 40, "{refused} of 320 posts refused");
+    eprintln!(
+        "connections cut at 150 ms: {} runs acknowledged, {refused} refused",
+        runs.len()
+    );
+    for run_id in &runs {
+        let done = coord.wait_terminal(run_id, WAIT).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_gapless(&coord.events(run_id).await);
+    }
+    // The store is whole again: a new run goes through.
+    let run = post_run(&coord, &echo(9999)).await.unwrap();
+    let done = coord
+        .wait_terminal(run["run_id"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(done["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_database_written_by_a_newer_coordinator_is_refused() {
+    let db = TestDb::postgres().await;
+    drop(Coordinator::start_at(&db, Options::default()).await);
+    let Database::Postgres(url) = &db.database else {
+        unreachable!()
+    };
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute("UPDATE coordinator_schema SET version = version + 1")
+        .await
+        .unwrap();
+    drop(client);
+    let _ = driver.await;
+    let err =
+        jarvis_run_coordinator::Server::bind(crate::support::config(&db, &Options::default()))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("schema version"), "{err}");
 }

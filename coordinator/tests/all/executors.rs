@@ -151,6 +151,7 @@ async fn each_node_run_goes_to_an_executor_that_lists_its_node_type() {
     let beta = Executor::start(&["jarvis.test.beta"]).await;
     let coord = Coordinator::start(over(&[&alpha.url, &beta.url])).await;
     let mut expected: HashMap<String, &str> = HashMap::new();
+    let mut bound_to = HashMap::new();
     for i in 0..12 {
         let node_type_id = ["jarvis.test.alpha", "jarvis.test.beta", "jarvis.core.echo"][i % 3];
         let run = coord
@@ -169,7 +170,8 @@ async fn each_node_run_goes_to_an_executor_that_lists_its_node_type() {
         // A NodeRun sent to the other executor would fail there with `unknown_node_type`.
         assert_eq!(done["state"], "succeeded", "{node_run}");
         assert_eq!(node_run["outputs"], json!({"echo": format!("r{i}")}));
-        expected.insert(root, node_type_id);
+        expected.insert(root.clone(), node_type_id);
+        bound_to.insert(root, node_run["executor_binding"]["endpoint"].clone());
     }
     let (on_alpha, on_beta) = (alpha.executed(), beta.executed());
     for id in &on_alpha {
@@ -182,6 +184,12 @@ async fn each_node_run_goes_to_an_executor_that_lists_its_node_type() {
         );
     }
     assert_eq!(on_alpha.len() + on_beta.len(), 12, "each NodeRun sent once");
+    // Each NodeRun names the executor that ran it.
+    for (ids, url) in [(&on_alpha, &alpha.url), (&on_beta, &beta.url)] {
+        for id in ids {
+            assert_eq!(bound_to[id], json!(url), "{id}");
+        }
+    }
     // Both list the echo: its four runs are spread over both.
     let echoes_on = |seen: &[String]| {
         seen.iter()

@@ -110,6 +110,23 @@ impl TestDb {
         }
     }
 
+    /// The PostgreSQL database's name, if it is one.
+    pub fn postgres_name(&self) -> Option<&str> {
+        self.postgres.as_deref()
+    }
+
+    /// Runs `sql` on the PostgreSQL server as the test administrator.
+    pub async fn admin(sql: &str) {
+        let (client, connection) =
+            tokio_postgres::connect(&postgres_admin_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        let driver = tokio::spawn(connection);
+        client.batch_execute(sql).await.unwrap();
+        drop(client);
+        let _ = driver.await;
+    }
+
     /// The SQLite file; panics on PostgreSQL.
     pub fn sqlite_path(&self) -> &Path {
         match &self.database {

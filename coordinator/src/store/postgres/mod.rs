@@ -47,7 +47,7 @@ const MAX_BATCH: usize = 512;
 const READ_POOL: usize = 16;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// No statement runs longer (a hung database or a lock never released fails the job).
+/// No statement runs longer (unless the URL's `options` set another).
 const STATEMENT_TIMEOUT: &str = "30s";
 /// Waits between attempts to reconnect the listener.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
@@ -98,6 +98,15 @@ pub fn connection_config(url: &str) -> Result<tokio_postgres::Config, StoreError
     if config.get_application_name().is_none() {
         config.application_name("jarvis-run-coordinator");
     }
+    // No statement runs longer on any of the store's connections (a hung database or
+    // a lock never released fails the statement, and its callers retry or answer 503).
+    let timeout = format!("-c statement_timeout={STATEMENT_TIMEOUT}");
+    let options = match config.get_options() {
+        Some(given) if given.contains("statement_timeout") => given.to_owned(),
+        Some(given) => format!("{given} {timeout}"),
+        None => timeout,
+    };
+    config.options(&options);
     Ok(config)
 }
 
@@ -313,7 +322,7 @@ impl Writer {
     fn connect(&self) -> Result<Conn, StoreError> {
         let mut client = postgres::Config::from(self.config.clone()).connect(NoTls)?;
         client.batch_execute(&format!(
-            "SET synchronous_commit = {}; SET statement_timeout = '{STATEMENT_TIMEOUT}';",
+            "SET synchronous_commit = {}",
             self.synchronous_commit
         ))?;
         Ok(Conn::new(client))
