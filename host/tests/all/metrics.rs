@@ -205,7 +205,9 @@ async fn metrics_count_executions_failures_and_a_reload() {
     // The spinning guest answered `timeout` stops at its next epoch check,
     // giving its slot back; its own end must not count again.
     let s = scrape_until(&t, "broken file counted, spinning guest stopped", |s| {
+        // The counter and the gauge are two updates: wait for both.
         value(s, r#"jarvis_executor_pack_loads_total{result="failed"}"#) == 1.0
+            && value(s, "jarvis_executor_pack_load_failures") == 1.0
             && value(s, "jarvis_executor_in_flight") == 0.0
     })
     .await;
