@@ -12,5 +12,5 @@ cargo bench --workspace --bench runs_per_second --no-run
 for setup in "sqlite 1" "postgres 1" "postgres 2"; do
     read -r database coordinators <<<"$setup"
     BENCH_DATABASE=$database BENCH_COORDINATORS=$coordinators \
-        cargo bench --workspace --bench runs_per_second 2>/dev/null | grep '^runs_per_second'
+        cargo bench --workspace --bench runs_per_second 2>&1 | grep '^runs_per_second\|^Error\|ERROR'
 done

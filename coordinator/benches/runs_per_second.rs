@@ -130,11 +130,7 @@ impl BenchDb {
         let admin = std::env::var("JARVIS_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let name = format!("jarvis_bench_{}", std::process::id());
-        Self::admin(
-            &admin,
-            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"),
-        )
-        .await?;
+        Self::admin(&admin, &format!("CREATE DATABASE {name}")).await?;
         let mut url = url::Url::parse(&admin)?;
         url.set_path(&name);
         Ok(Self {

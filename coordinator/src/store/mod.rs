@@ -246,17 +246,19 @@ pub trait RunTx {
     /// Every NodeRun of the run that is not yet terminal.
     fn open_node_runs(&self, run_id: &str) -> Result<Vec<NodeRun>, StoreError>;
 
-    /// Appends the run's next event and returns its seq: per run gapless from 0 and
-    /// in commit order (taken and bumped in the transaction that writes the event, so
-    /// concurrent writers, in this process or another, never share or skip one).
-    /// Adds the run to the effects' `changed_runs`.
+    /// Appends an event to the run. Its seq is the run's next: per run gapless from 0
+    /// and in commit order (taken and bumped in the transaction that writes the event,
+    /// so concurrent writers, in this process or another, never share or skip one).
+    /// A backend may write the job's events when the job ends (in the job's
+    /// savepoint, before its commit); an error then fails the job. Adds the run to
+    /// the effects' `changed_runs`.
     fn append_event(
         &mut self,
         run_id: &str,
         node_run_id: Option<&str>,
         event_type: RunEventType,
         data: Option<JsonObject>,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<(), StoreError>;
 
     /// Leases to `lease` up to `limit` NodeRuns whose dispatch is owed and which are
     /// unleased or whose lease expired before `now` (whoever held it), adds them to the
@@ -381,6 +383,17 @@ impl JobDone {
     /// the commit succeeded).
     pub fn finish(self, commit: Result<(), Arc<StoreError>>) {
         (self.finish)(commit);
+    }
+
+    /// The backend could not complete the writes of a job that succeeded: its
+    /// savepoint is to be rolled back, and its caller answered with `err`.
+    pub fn fail(self, err: StoreError) -> JobDone {
+        let finish = self.finish;
+        let err = Arc::new(err);
+        JobDone {
+            keep: false,
+            finish: Box::new(move |_| finish(Err(err))),
+        }
     }
 }
 

@@ -41,8 +41,10 @@ use crate::store::{
 };
 use tx::{Conn, Params, PgTx};
 
-/// Most jobs committed together; bounds the latency a single commit adds.
-const MAX_BATCH: usize = 512;
+/// Most jobs committed together; bounds the latency a single commit adds. Each job
+/// is a subtransaction: PostgreSQL keeps up to 64 of a transaction in shared memory
+/// (more slow down every other session's snapshots while it runs).
+const MAX_BATCH: usize = 64;
 /// Read connections per process.
 const READ_POOL: usize = 16;
 /// How long a connection attempt may take.
@@ -376,21 +378,30 @@ impl Writer {
     }
 
     /// Runs `batch` in one transaction, each job in its own savepoint; commits; answers.
+    ///
+    /// One round trip per job besides its own statements: the savepoint a job kept is
+    /// released in the same round trip that sets the next one, and the last one with
+    /// the commit (`BEGIN; SAVEPOINT job` … `RELEASE SAVEPOINT job; SAVEPOINT job` …
+    /// `RELEASE SAVEPOINT job; COMMIT`). A job that failed is rolled back to its
+    /// savepoint, which stays set for the next.
     fn commit_batch(&self, conn: &mut Conn, batch: Vec<WriteJob>) {
-        if let Err(e) = conn.client.batch_execute("BEGIN") {
+        if let Err(e) = conn.client.batch_execute("BEGIN; SAVEPOINT job") {
             tracing::error!(error = %e, "could not begin a write transaction");
+            let _ = conn.client.batch_execute("ROLLBACK");
             batch.into_iter().for_each(WriteJob::refuse);
             return;
         }
+        let last = batch.len().saturating_sub(1);
         let mut tx = PgTx {
             conn: std::cell::RefCell::new(conn),
             effects: CommitEffects::default(),
+            events: Vec::new(),
         };
         let mut done = Vec::with_capacity(batch.len());
-        let mut jobs = batch.into_iter();
+        let mut jobs = batch.into_iter().enumerate();
         let mut failed = None;
-        for job in jobs.by_ref() {
-            match in_savepoint(&mut tx, job) {
+        for (i, job) in jobs.by_ref() {
+            match in_savepoint(&mut tx, job, i == last) {
                 Ok(finish) => done.push(finish),
                 Err(e) => {
                     failed = Some(e);
@@ -408,14 +419,17 @@ impl Writer {
             for finish in done {
                 finish.finish(Err(failed.clone()));
             }
-            jobs.for_each(WriteJob::refuse);
+            jobs.for_each(|(_, job)| job.refuse());
             return;
         }
         effects.settle();
+        // Fails, and the COMMIT after it is skipped, if a statement of a job that
+        // reported success failed (the transaction is then aborted): the batch is
+        // rolled back rather than committed short.
         let committed = match self.notify(conn, &effects) {
             Ok(()) => conn
                 .client
-                .batch_execute("COMMIT")
+                .batch_execute("RELEASE SAVEPOINT job; COMMIT")
                 .map_err(StoreError::from),
             Err(e) => Err(e),
         }
@@ -444,26 +458,35 @@ impl Writer {
     }
 }
 
-fn in_savepoint(tx: &mut PgTx<'_>, job: WriteJob) -> Result<JobDone, StoreError> {
+/// Runs `job` in the savepoint `commit_batch` set; rolls back to it if the job
+/// failed, else releases it and sets the next one (unless `last`).
+fn in_savepoint(tx: &mut PgTx<'_>, job: WriteJob, last: bool) -> Result<JobDone, StoreError> {
     let mark = tx.effects.mark();
-    if let Err(e) = tx.conn.get_mut().client.batch_execute("SAVEPOINT job") {
-        job.refuse();
-        return Err(StoreError::from(e));
+    let mut done = job.run(tx as &mut dyn RunTx);
+    if done.keep
+        && let Err(e) = tx.flush_events()
+    {
+        // The job's events could not be written: the job fails, not the batch.
+        tracing::warn!(error = %e, "writing a job's events failed; rolling the job back");
+        done = done.fail(e);
     }
-    let done = job.run(tx as &mut dyn RunTx);
+    tx.events.clear();
     let client = &mut tx.conn.get_mut().client;
-    if !done.keep {
+    let next = if !done.keep {
         tx.effects.roll_back_to(mark);
-        if let Err(e) = client.batch_execute("ROLLBACK TO SAVEPOINT job") {
-            done.finish(Err(Arc::new(StoreError::from(e))));
-            return Err(StoreError::Commit("rolling back a job failed".into()));
-        }
-    }
-    // Fails if a statement of a job that reported success failed (the transaction
-    // is then aborted): the batch is rolled back rather than committed short.
-    if let Err(e) = client.batch_execute("RELEASE SAVEPOINT job") {
+        Some("ROLLBACK TO SAVEPOINT job")
+    } else if !last {
+        // Fails if a statement of a job that reported success failed: the batch is
+        // rolled back rather than committed short.
+        Some("RELEASE SAVEPOINT job; SAVEPOINT job")
+    } else {
+        None
+    };
+    if let Some(sql) = next
+        && let Err(e) = client.batch_execute(sql)
+    {
         done.finish(Err(Arc::new(StoreError::from(e))));
-        return Err(StoreError::Commit("releasing a savepoint failed".into()));
+        return Err(StoreError::Commit(format!("savepoint: {sql}")));
     }
     Ok(done)
 }

@@ -120,9 +120,55 @@ pub(super) struct PgTx<'c> {
     /// Reads through `&self` need the connection too.
     pub(super) conn: RefCell<&'c mut Conn>,
     pub(super) effects: CommitEffects,
+    /// The job's events, written when it ends.
+    pub(super) events: Vec<PendingEvent>,
+}
+
+/// An event serialised with [`SEQ_PLACEHOLDER`] at `digits` of `body`.
+#[derive(Debug)]
+pub(super) struct PendingEvent {
+    run_id: String,
+    node_run_id: Option<String>,
+    body: String,
+    digits: std::ops::Range<usize>,
 }
 
 impl PgTx<'_> {
+    /// Writes the job's events, one statement per run: the run's row is updated for
+    /// `n` seqs at once and stays locked until the commit (a writer in another process
+    /// waits here, then takes the next ones: gapless, in commit order), and each
+    /// event's seq is spliced into its JSON by the database.
+    pub(super) fn flush_events(&mut self) -> Result<(), StoreError> {
+        let mut events = std::mem::take(&mut self.events);
+        while !events.is_empty() {
+            let run_id = events[0].run_id.clone();
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                events.into_iter().partition(|e| e.run_id == run_id);
+            events = rest;
+            let n = mine.len() as i64;
+            let node_run_ids: Vec<Option<&str>> =
+                mine.iter().map(|e| e.node_run_id.as_deref()).collect();
+            let before: Vec<&str> = mine.iter().map(|e| &e.body[..e.digits.start]).collect();
+            let after: Vec<&str> = mine.iter().map(|e| &e.body[e.digits.end..]).collect();
+            let written = self.execute(
+                "WITH next AS (
+                     UPDATE runs SET next_seq = next_seq + $2 WHERE run_id = $1
+                     RETURNING next_seq - $2 AS first)
+                 INSERT INTO events (run_id, seq, node_run_id, body)
+                 SELECT $1, first + i - 1, n, b || (first + i - 1)::text || a
+                 FROM next, unnest($3::text[], $4::text[], $5::text[])
+                     WITH ORDINALITY AS e(n, b, a, i)",
+                &[&run_id, &n, &node_run_ids, &before, &after],
+            )?;
+            if written != n as u64 {
+                return Err(StoreError::Commit(format!(
+                    "no run {run_id} to append events to"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn query(&self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>, StoreError> {
         self.conn.borrow_mut().query(sql, params)
     }
@@ -272,31 +318,27 @@ impl RunTx for PgTx<'_> {
         node_run_id: Option<&str>,
         event_type: RunEventType,
         data: Option<JsonObject>,
-    ) -> Result<u64, StoreError> {
-        // The run's row stays locked until the commit: a writer in another process
-        // waits here, then takes the next seq. Gapless, and in commit order.
-        let row = self
-            .query_opt(
-                "UPDATE runs SET next_seq = next_seq + 1 WHERE run_id = $1 RETURNING next_seq - 1",
-                &[&run_id],
-            )?
-            .ok_or_else(|| StoreError::Commit(format!("no run {run_id} to append an event to")))?;
-        let seq: i64 = row.get(0);
+    ) -> Result<(), StoreError> {
+        // Written by `flush_events` when the job ends: one round trip per run.
         let event = RunEvent {
             run_id: run_id.to_owned(),
             node_run_id: node_run_id.map(str::to_owned),
-            seq: seq as u64,
+            seq: SEQ_PLACEHOLDER,
             event_type,
             time: arp_types::time::now_rfc3339(),
             data,
             extensions: None,
         };
-        self.execute(
-            "INSERT INTO events (run_id, seq, node_run_id, body) VALUES ($1, $2, $3, $4)",
-            &[&run_id, &seq, &node_run_id, &serde_json::to_string(&event)?],
-        )?;
+        let body = serde_json::to_string(&event)?;
+        let digits = seq_position(&body)?;
+        self.events.push(PendingEvent {
+            run_id: event.run_id,
+            node_run_id: event.node_run_id,
+            body,
+            digits,
+        });
         self.effects.run_changed(run_id);
-        Ok(seq as u64)
+        Ok(())
     }
 
     fn claim_dispatchable(
@@ -357,6 +399,21 @@ impl RunTx for PgTx<'_> {
     }
 }
 
+/// The seq an event is serialised with before the database gives it its own.
+const SEQ_PLACEHOLDER: u64 = u64::MAX;
+
+/// Where the placeholder's digits are in an event's JSON. `seq` is serialised
+/// before `data` and `extensions`, so the first `"seq":` followed by the
+/// placeholder is the event's own.
+fn seq_position(body: &str) -> Result<std::ops::Range<usize>, StoreError> {
+    let key = "\"seq\":";
+    let digits = SEQ_PLACEHOLDER.to_string();
+    let at = body
+        .find(&format!("{key}{digits}"))
+        .ok_or_else(|| StoreError::Commit("an event without its seq".into()))?;
+    Ok(at + key.len()..at + key.len() + digits.len())
+}
+
 pub(super) fn decode_run(row: &Row) -> Result<Run, StoreError> {
     Ok(serde_json::from_str(row.get::<_, &str>(0))?)
 }
@@ -384,4 +441,38 @@ pub(super) fn decode_overdue(row: &Row) -> Result<OverdueNodeRun, StoreError> {
         state: serde_json::from_value(serde_json::Value::String(row.get(1)))?,
         deadline_at: row.get(2),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_split_around_its_own_seq_not_one_in_its_data() {
+        let mut data = JsonObject::new();
+        data.insert("seq".into(), serde_json::json!(SEQ_PLACEHOLDER));
+        let event = RunEvent {
+            run_id: "run_1".into(),
+            node_run_id: Some("node_run_\"seq\":1".into()),
+            seq: SEQ_PLACEHOLDER,
+            event_type: RunEventType::RunStarted,
+            time: "t".into(),
+            data: Some(data),
+            extensions: None,
+        };
+        let body = serde_json::to_string(&event).unwrap();
+        let digits = seq_position(&body).unwrap();
+        let stored: RunEvent = serde_json::from_str(&format!(
+            "{}7{}",
+            &body[..digits.start],
+            &body[digits.end..]
+        ))
+        .unwrap();
+        assert_eq!(stored.seq, 7);
+        assert_eq!(
+            stored.data.unwrap()["seq"],
+            serde_json::json!(SEQ_PLACEHOLDER)
+        );
+        assert_eq!(stored.node_run_id.as_deref(), Some("node_run_\"seq\":1"));
+    }
 }

@@ -182,7 +182,7 @@ impl RunTx for SqliteTx<'_> {
         node_run_id: Option<&str>,
         event_type: RunEventType,
         data: Option<JsonObject>,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(), StoreError> {
         // One writer connection and the seq bumped in the event's own transaction: gapless.
         let seq: i64 = self
             .conn
@@ -210,7 +210,7 @@ impl RunTx for SqliteTx<'_> {
                 serde_json::to_string(&event)?
             ])?;
         self.effects.run_changed(run_id);
-        Ok(seq as u64)
+        Ok(())
     }
 
     fn claim_dispatchable(
