@@ -1,18 +1,15 @@
-//! NDJSON event streams: stored events in seq order, then live ones until the run is terminal.
+//! An NDJSON event stream: stored events in seq order, then live ones until the run is terminal.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::Stream;
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use tokio::sync::Notify;
-
 use crate::coordinator::Coordinator;
 use crate::store::{EventPageRequest, StoreError, StoredEvent};
+use bytes::Bytes;
+use futures_util::Stream;
+
+use super::watchers::Watch;
 
 /// Events read per store round trip.
 const PAGE: usize = 512;
@@ -35,53 +32,6 @@ pub struct StreamRequest {
     pub after_seq: Option<u64>,
     /// Keep the stream open until the run is terminal.
     pub follow: bool,
-}
-
-/// Wakes the streams following a run when a commit adds events to it. Only runs
-/// with followers have an entry, so a commit costs one map lookup per run.
-#[derive(Debug, Default)]
-pub struct RunWatchers {
-    by_run: Mutex<HashMap<String, Arc<Notify>>>,
-}
-
-impl RunWatchers {
-    pub fn notify(&self, run_id: &str) {
-        if let Some(notify) = self.by_run.lock().unwrap().get(run_id) {
-            notify.notify_waiters();
-        }
-    }
-
-    fn watch(self: &Arc<Self>, run_id: &str) -> Watch {
-        let notify = self
-            .by_run
-            .lock()
-            .unwrap()
-            .entry(run_id.to_owned())
-            .or_default()
-            .clone();
-        Watch {
-            watchers: self.clone(),
-            run_id: run_id.to_owned(),
-            notify,
-        }
-    }
-}
-
-/// One follower's registration; the entry goes when its last follower does.
-struct Watch {
-    watchers: Arc<RunWatchers>,
-    run_id: String,
-    notify: Arc<Notify>,
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let mut by_run = self.watchers.by_run.lock().unwrap();
-        // The map's reference plus ours: we are the last follower.
-        if Arc::strong_count(&self.notify) == 2 {
-            by_run.remove(&self.run_id);
-        }
-    }
 }
 
 struct Cursor {
