@@ -4,10 +4,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::coordinator::Coordinator;
-use crate::store::{EventPageRequest, StoreError, StoredEvent};
 use bytes::Bytes;
 use futures_util::Stream;
+
+use crate::coordinator::Coordinator;
+use crate::store::{EventPageRequest, StoreError, StoredEvent};
 
 use super::watchers::Watch;
 
