@@ -431,6 +431,30 @@ mod tests {
     }
 
     #[test]
+    fn a_database_url_chooses_postgresql_and_its_password_is_never_shown() {
+        let parse = |argv: &[&str]| {
+            let args = Args::parse_from(["jarvis-run-coordinator"].iter().chain(argv));
+            Config::from_args_with(args, Config::insecure_auth())
+        };
+        let config = parse(&["--db", "/tmp/x.sqlite3"]).unwrap();
+        assert_eq!(config.database, Database::Sqlite("/tmp/x.sqlite3".into()));
+        let config = parse(&[
+            "--db",
+            "/tmp/x.sqlite3",
+            "--database-url",
+            "postgres://jarvis:s3cret@db:5432/runs",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.database,
+            Database::Postgres("postgres://jarvis:s3cret@db:5432/runs".into())
+        );
+        let shown = format!("{} {:?}", config.database.describe(), config);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(parse(&["--database-url", "mysql://db/runs"]).is_err());
+    }
+
+    #[test]
     fn urls_are_normalized_like_the_python_services() {
         assert_eq!(
             normalize_url(" http://127.0.0.1:8082/v1/ "),
