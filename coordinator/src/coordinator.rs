@@ -158,10 +158,9 @@ impl Coordinator {
         let run = self
             .store
             .write(move |tx| -> Result<_, RunError> {
-                if tx.run_terminal(&run.run_id)?.is_some() {
+                if !tx.insert_run(&run)? {
                     return Err(RunError::RunAlreadyExists(run.run_id.clone()));
                 }
-                tx.insert_run(&run)?;
                 tx.append_event(
                     &run.run_id,
                     None,

@@ -212,8 +212,9 @@ pub trait RunTx {
 
     fn node_run(&self, node_run_id: &str) -> Result<Option<NodeRunRow>, StoreError>;
 
-    /// Inserts a new Run (the caller checked that its id is free) whose next event seq is 0.
-    fn insert_run(&mut self, run: &Run) -> Result<(), StoreError>;
+    /// Inserts a new Run whose next event seq is 0; `false` (and nothing written) if a
+    /// run with its id exists, or is being created by a transaction that then commits.
+    fn insert_run(&mut self, run: &Run) -> Result<bool, StoreError>;
 
     /// Stores the Run's state and body. The first time it is stored terminal, its end
     /// time (now) is recorded for retention; stored non-terminal, the end time is cleared.

@@ -316,3 +316,29 @@ async fn a_database_written_by_a_newer_coordinator_is_refused() {
             .unwrap_err();
     assert!(err.to_string().contains("schema version"), "{err}");
 }
+
+#[tokio::test]
+async fn one_run_id_posted_to_two_coordinators_at_once_is_created_once() {
+    let db = TestDb::postgres().await;
+    let (a, b) = tokio::join!(
+        Coordinator::start_at(&db, Options::default()),
+        Coordinator::start_at(&db, Options::default())
+    );
+    for i in 0..20 {
+        let mut body = echo(i);
+        body["run_id"] = json!(format!("run_race_{i}"));
+        let (on_a, on_b) = tokio::join!(
+            a.post("/v1/runs", body.clone()),
+            b.post("/v1/runs", body.clone())
+        );
+        let mut statuses = [on_a.0.as_u16(), on_b.0.as_u16()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 409], "{on_a:?} {on_b:?}");
+        let conflict = if on_a.0.as_u16() == 409 {
+            &on_a.1
+        } else {
+            &on_b.1
+        };
+        assert_eq!(conflict["error"]["code"], "run_already_exists");
+    }
+}

@@ -211,16 +211,19 @@ impl RunTx for PgTx<'_> {
             .transpose()
     }
 
-    fn insert_run(&mut self, run: &Run) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO runs (run_id, state, next_seq, body) VALUES ($1, $2, 0, $3)",
+    fn insert_run(&mut self, run: &Run) -> Result<bool, StoreError> {
+        // A concurrent insert of the same id (another coordinator) is waited for:
+        // if it commits, this one conflicts.
+        let inserted = self.execute(
+            "INSERT INTO runs (run_id, state, next_seq, body) VALUES ($1, $2, 0, $3)
+             ON CONFLICT (run_id) DO NOTHING",
             &[
                 &run.run_id,
                 &run.state.as_str(),
                 &serde_json::to_string(run)?,
             ],
         )?;
-        Ok(())
+        Ok(inserted == 1)
     }
 
     fn update_run(&mut self, run: &Run) -> Result<(), StoreError> {

@@ -62,17 +62,19 @@ impl RunTx for SqliteTx<'_> {
         load_node_run(self.conn, node_run_id)
     }
 
-    fn insert_run(&mut self, run: &Run) -> Result<(), StoreError> {
-        self.conn
+    fn insert_run(&mut self, run: &Run) -> Result<bool, StoreError> {
+        let inserted = self
+            .conn
             .prepare_cached(
-                "INSERT INTO runs (run_id, state, next_seq, body) VALUES (?1, ?2, 0, ?3)",
+                "INSERT INTO runs (run_id, state, next_seq, body) VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (run_id) DO NOTHING",
             )?
             .execute(params![
                 run.run_id,
                 run.state.as_str(),
                 serde_json::to_string(run)?
             ])?;
-        Ok(())
+        Ok(inserted == 1)
     }
 
     fn update_run(&mut self, run: &Run) -> Result<(), StoreError> {
