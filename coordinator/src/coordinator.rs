@@ -24,6 +24,9 @@ use crate::runs::lifecycle::{self, Admit as _, Completion};
 use crate::store::{Lease, Store, StoreError, now_ms};
 
 /// Extension keys the coordinator owns on Runs and NodeRuns.
+/// The longest `run_id` a client may choose (ids are keys, log fields and notification payloads).
+pub const MAX_RUN_ID_BYTES: usize = 256;
+
 pub mod ext {
     pub const CONSTRAINTS: &str = "jarvis.constraints";
     pub const BINDING_DECISION: &str = "jarvis.binding_decision";
@@ -59,10 +62,15 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub async fn start_run(self: &Arc<Self>, req: RunStartRequest) -> Result<Run, RunError> {
-        if let Some(id) = &req.run_id
-            && id.trim().is_empty()
-        {
-            return Err(RunError::InvalidRequest("run_id: must not be empty".into()));
+        if let Some(id) = &req.run_id {
+            if id.trim().is_empty() {
+                return Err(RunError::InvalidRequest("run_id: must not be empty".into()));
+            }
+            if id.len() > MAX_RUN_ID_BYTES || id.chars().any(char::is_control) {
+                return Err(RunError::InvalidRequest(format!(
+                    "run_id: at most {MAX_RUN_ID_BYTES} bytes, without control characters"
+                )));
+            }
         }
         validate_constraints(req.constraints.as_ref())?;
         let run_id = req.run_id.clone().unwrap_or_else(|| new_id("run"));

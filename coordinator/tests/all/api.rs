@@ -654,3 +654,25 @@ async fn runs_survive_a_restart_on_the_same_database() {
     assert_eq!(again["extensions"]["acme.tag"], "t");
     assert_eq!(second.events(run_id).await[..events.len()], events[..]);
 }
+
+#[tokio::test]
+async fn a_client_run_id_is_bounded_and_free_of_control_characters() {
+    let coord = Coordinator::start(Options::default()).await;
+    let body = |run_id: &str| {
+        json!({
+            "run_id": run_id,
+            "root_node_type_ref": {"node_type_id": "jarvis.core.echo", "version": "0.3.8"},
+            "input": {},
+        })
+    };
+    for bad in ["x".repeat(257), "run\nforged".to_owned(), "  ".to_owned()] {
+        let (s, e) = coord.post("/v1/runs", body(&bad)).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{bad:?}"
+        );
+    }
+    let (s, run) = coord.post("/v1/runs", body(&"x".repeat(256))).await;
+    assert_eq!(s, StatusCode::OK, "{run}");
+}
