@@ -19,6 +19,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+mod writer;
 
 use std::fmt;
 use std::future::Future;

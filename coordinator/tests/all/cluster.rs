@@ -24,14 +24,7 @@ async fn executors(delay: Duration) -> (ExecutorProxy, ExecutorProxy) {
     let mut pair = Vec::new();
     for _ in 0..2 {
         let proxy = ExecutorProxy::start(delay).await;
-        proxy
-            .server
-            .service
-            .executor
-            .registry()
-            .load_bytes("spin.wasm", &spin_pack())
-            .await
-            .unwrap();
+        proxy.load_pack("spin.wasm", &spin_pack()).await;
         pair.push(proxy);
     }
     let second = pair.pop().unwrap();

@@ -206,14 +206,7 @@ async fn each_node_run_goes_to_an_executor_that_lists_its_node_type() {
 async fn a_cancel_reaches_the_executor_that_has_the_node_run() {
     let plain = Executor::start(&[]).await;
     let spinner = Executor::start(&[]).await;
-    spinner
-        .server
-        .service
-        .executor
-        .registry()
-        .load_bytes("spin.wasm", &spin_pack())
-        .await
-        .unwrap();
+    spinner.load_pack("spin.wasm", &spin_pack()).await;
     let coord = Coordinator::start(over(&[&plain.url, &spinner.url])).await;
     let run = coord
         .start_run("jarvis.test.spin", "1.0.0", json!({}), json!({}))

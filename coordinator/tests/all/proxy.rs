@@ -67,6 +67,17 @@ impl ExecutorProxy {
         }
     }
 
+    /// Loads a pack into the executor behind the proxy.
+    pub async fn load_pack(&self, file: &str, bytes: &[u8]) {
+        self.server
+            .service
+            .executor
+            .registry()
+            .load_bytes(file, bytes)
+            .await
+            .unwrap();
+    }
+
     /// From now on every request, health probes included, waits, and so do answers
     /// on their way back: as an executor stopped with SIGSTOP would.
     pub fn stop_answering(&self) {

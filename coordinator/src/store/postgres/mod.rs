@@ -23,9 +23,8 @@
 mod migrations;
 mod tx;
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arp_types::run::Run;
@@ -35,6 +34,7 @@ use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::config::Durability;
+use crate::store::writer::{Batches, Writer};
 use crate::store::{
     BoxFuture, CommitEffects, EffectSink, EventPage, EventPageRequest, JobDone, NodeRunRow,
     OverdueNodeRun, RunStore, RunTx, StoreError, WriteFault, WriteJob,
@@ -68,17 +68,9 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     }
 }
 
-enum Message {
-    Job(WriteJob),
-    /// Finish what was queued before, then end the writer thread.
-    Close,
-}
-
 /// The PostgreSQL backend of [`RunStore`].
 pub struct PgStore {
-    jobs: Mutex<std::sync::mpsc::Sender<Message>>,
-    closed: AtomicBool,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: Writer,
     reads: Pool,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
     stop_listening: watch::Sender<bool>,
@@ -88,7 +80,7 @@ pub struct PgStore {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("closed", &self.closed)
+            .field("writer", &self.writer)
             .finish_non_exhaustive()
     }
 }
@@ -133,7 +125,7 @@ impl PgStore {
 
         let sink: Arc<EffectSink> = Arc::new(sink);
         let fault = Arc::new(AtomicU8::new(WriteFault::None as u8));
-        let writer = Writer {
+        let committer = Committer {
             config: config.clone(),
             synchronous_commit: match durability {
                 Durability::Flush => "on",
@@ -144,20 +136,16 @@ impl PgStore {
             fault: fault.clone(),
         };
         // The synchronous client runs a runtime of its own: connect on the writer's thread.
-        let (jobs, rx) = std::sync::mpsc::channel::<Message>();
         let (ready, connected) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || match writer.connect() {
-                Ok(conn) => {
-                    let _ = ready.send(Ok(()));
-                    writer.run(conn, &rx);
-                }
-                Err(err) => {
-                    let _ = ready.send(Err(err));
-                }
-            })
-            .map_err(|e| StoreError::Commit(e.to_string()))?;
+        let writer = Writer::spawn(MAX_BATCH, move |batches| match committer.connect() {
+            Ok(conn) => {
+                let _ = ready.send(Ok(()));
+                committer.run(conn, batches);
+            }
+            Err(err) => {
+                let _ = ready.send(Err(err));
+            }
+        })?;
         connected.await.map_err(|_| StoreError::Panicked)??;
 
         let manager = Manager::from_config(
@@ -174,9 +162,7 @@ impl PgStore {
         let (stop_listening, stopped) = watch::channel(false);
         let listener = tokio::spawn(listen(config, tag.to_owned(), sink, stopped));
         Ok(Self {
-            jobs: Mutex::new(jobs),
-            closed: AtomicBool::new(false),
-            writer: Mutex::new(Some(thread)),
+            writer,
             reads,
             listener: Mutex::new(Some(listener)),
             stop_listening,
@@ -197,14 +183,7 @@ impl PgStore {
 
 impl RunStore for PgStore {
     fn submit(&self, job: WriteJob) -> Result<(), StoreError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
-        self.jobs
-            .lock()
-            .unwrap()
-            .send(Message::Job(job))
-            .map_err(|_| StoreError::Closed)
+        self.writer.submit(job)
     }
 
     fn run<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<Option<Run>, StoreError>> {
@@ -286,22 +265,14 @@ impl RunStore for PgStore {
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
-        self.closed.store(true, Ordering::SeqCst);
-        let _ = self.jobs.lock().unwrap().send(Message::Close);
-        let writer = self.writer.lock().unwrap().take();
         let _ = self.stop_listening.send(true);
         let listener = self.listener.lock().unwrap().take();
+        let writer = self.writer.close();
         Box::pin(async move {
             if let Some(listener) = listener {
                 let _ = listener.await;
             }
-            if let Some(writer) = writer {
-                // Joining blocks until the last batch is committed: off the runtime's threads.
-                let joined = tokio::task::spawn_blocking(move || writer.join()).await;
-                if !matches!(joined, Ok(Ok(()))) {
-                    tracing::error!("the store's writer thread ended abnormally");
-                }
-            }
+            writer.await;
             self.reads.close();
         })
     }
@@ -311,8 +282,8 @@ impl RunStore for PgStore {
     }
 }
 
-/// What the writer thread needs to (re)connect and publish.
-struct Writer {
+/// The writer thread's side: (re)connects, commits batches, publishes their effects.
+struct Committer {
     config: tokio_postgres::Config,
     synchronous_commit: &'static str,
     tag: String,
@@ -320,7 +291,7 @@ struct Writer {
     fault: Arc<AtomicU8>,
 }
 
-impl Writer {
+impl Committer {
     fn connect(&self) -> Result<Conn, StoreError> {
         let mut client = postgres::Config::from(self.config.clone()).connect(NoTls)?;
         client.batch_execute(&format!(
@@ -330,25 +301,10 @@ impl Writer {
         Ok(Conn::new(client))
     }
 
-    fn run(&self, conn: Conn, jobs: &std::sync::mpsc::Receiver<Message>) {
+    fn run(&self, conn: Conn, mut batches: Batches) {
         let mut conn = Some(conn);
         let mut applied_fault = WriteFault::None as u8;
-        let mut closing = false;
-        while !closing {
-            let Ok(Message::Job(first)) = jobs.recv() else {
-                break;
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match jobs.try_recv() {
-                    Ok(Message::Job(job)) => batch.push(job),
-                    Ok(Message::Close) => {
-                        closing = true;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = batches.next() {
             if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
                 conn = match self.connect() {
                     Ok(fresh) => {

@@ -12,14 +12,14 @@ mod migrations;
 mod tx;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use arp_types::run::Run;
 use rusqlite::Connection;
 
 use crate::config::Durability;
+use crate::store::writer::{Batches, Writer};
 use crate::store::{
     BoxFuture, CommitEffects, EffectSink, EventPage, EventPageRequest, NodeRunRow, OverdueNodeRun,
     RunStore, RunTx, StoreError, WriteFault, WriteJob,
@@ -41,29 +41,12 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-enum Message {
-    Job(WriteJob),
-    /// Finish what was queued before, then end the writer thread.
-    Close,
-}
-
 /// The SQLite backend of [`RunStore`].
 #[derive(Debug)]
 pub struct SqliteStore {
-    jobs: Mutex<std::sync::mpsc::Sender<Message>>,
-    closed: AtomicBool,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: Writer,
     readers: ReaderPool,
     fault: Arc<AtomicU8>,
-}
-
-impl std::fmt::Debug for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Message::Job(_) => "Job",
-            Message::Close => "Close",
-        })
-    }
 }
 
 impl SqliteStore {
@@ -94,16 +77,12 @@ impl SqliteStore {
         migrations::migrate(&conn)?;
 
         let fault = Arc::new(AtomicU8::new(WriteFault::None as u8));
-        let (jobs, rx) = std::sync::mpsc::channel::<Message>();
         let writer_fault = fault.clone();
-        let writer = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, sink, &writer_fault))
-            .map_err(|e| StoreError::Commit(e.to_string()))?;
+        let writer = Writer::spawn(MAX_BATCH, move |batches| {
+            writer_loop(conn, batches, sink, &writer_fault);
+        })?;
         Ok(Self {
-            jobs: Mutex::new(jobs),
-            closed: AtomicBool::new(false),
-            writer: Mutex::new(Some(writer)),
+            writer,
             readers: ReaderPool {
                 path: path.to_owned(),
                 idle: Mutex::new(Vec::new()),
@@ -131,14 +110,7 @@ fn ready<'a, T: Send + 'a>(value: Result<T, StoreError>) -> BoxFuture<'a, Result
 
 impl RunStore for SqliteStore {
     fn submit(&self, job: WriteJob) -> Result<(), StoreError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
-        self.jobs
-            .lock()
-            .unwrap()
-            .send(Message::Job(job))
-            .map_err(|_| StoreError::Closed)
+        self.writer.submit(job)
     }
 
     fn run<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<Option<Run>, StoreError>> {
@@ -188,18 +160,7 @@ impl RunStore for SqliteStore {
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
-        self.closed.store(true, Ordering::SeqCst);
-        let _ = self.jobs.lock().unwrap().send(Message::Close);
-        let writer = self.writer.lock().unwrap().take();
-        Box::pin(async move {
-            if let Some(writer) = writer {
-                // Joining blocks until the last batch is committed: off the runtime's threads.
-                let joined = tokio::task::spawn_blocking(move || writer.join()).await;
-                if !matches!(joined, Ok(Ok(()))) {
-                    tracing::error!("the store's writer thread ended abnormally");
-                }
-            }
-        })
+        self.writer.close()
     }
 
     fn inject_write_fault(&self, fault: WriteFault) {
@@ -223,34 +184,14 @@ fn apply_fault(conn: &Connection, fault: u8) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn writer_loop(
-    conn: Connection,
-    jobs: std::sync::mpsc::Receiver<Message>,
-    sink: EffectSink,
-    fault: &AtomicU8,
-) {
+fn writer_loop(conn: Connection, mut batches: Batches, sink: EffectSink, fault: &AtomicU8) {
     let mut applied_fault = WriteFault::None as u8;
-    let mut closing = false;
-    while !closing {
-        let Ok(Message::Job(first)) = jobs.recv() else {
-            break;
-        };
+    while let Some(batch) = batches.next() {
         let wanted = fault.load(Ordering::SeqCst);
         if wanted != applied_fault {
             match apply_fault(&conn, wanted) {
                 Ok(()) => applied_fault = wanted,
                 Err(e) => tracing::error!(error = %e, "could not apply the injected write fault"),
-            }
-        }
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(Message::Job(job)) => batch.push(job),
-                Ok(Message::Close) => {
-                    closing = true;
-                    break;
-                }
-                Err(_) => break,
             }
         }
         commit_batch(&conn, batch, &sink);
