@@ -1,11 +1,12 @@
-//! The JARVIS Run Coordinator: the ARP spec/v1 Run Coordinator, durable in one SQLite file.
+//! The JARVIS Run Coordinator: the ARP spec/v1 Run Coordinator, durable in an
+//! embedded SQLite file or in PostgreSQL shared by several coordinators.
 //!
-//! A Run and its NodeRuns live in an embedded SQLite database; every API call
-//! changes Runs, NodeRuns and RunEvents in one transaction, so a run's event
-//! `seq` is gapless and a crash loses nothing that was acknowledged. NodeRuns
-//! are dispatched through a durable queue to an Atomic Executor (with retries
-//! on transient failures, under the same `node_run_id`) or a Composite Executor,
-//! which calls back to create children and complete its NodeRun.
+//! Every API call changes Runs, NodeRuns and RunEvents in one transaction, so a
+//! run's event `seq` is gapless and a crash loses nothing that was acknowledged.
+//! NodeRuns are dispatched through a durable, leased queue to one of several
+//! Atomic Executors (with retries on transient failures, under the same
+//! `node_run_id`) or a Composite Executor, which calls back to create children
+//! and complete its NodeRun.
 //!
 //! # Layout
 //! - [`config`]: command line and environment, validated into one `Config`.
@@ -13,10 +14,12 @@
 //!   `RunError` to a status and an ARP `ErrorEnvelope` in one place.
 //! - [`coordinator`]: the operations (start, create children, complete, cancel).
 //! - [`constraints`]: merging constraint envelopes into the strictest one.
-//! - [`dispatch`]: the dispatch queue, retries, deadlines and crash recovery.
-//! - [`events`]: NDJSON event streams that follow a run live.
+//! - [`dispatch`]: the dispatch queue (begin, atomic, composite, retry, poller),
+//!   deadlines and crash recovery.
+//! - [`events`]: who follows which run, and NDJSON event streams that follow it live.
 //! - [`store`]: the store interface (reads, write transactions, commit effects);
-//!   `store::sqlite` implements it with a group-committing writer thread.
+//!   `store::sqlite` and `store::postgres` implement it, each with a group-committing
+//!   writer thread (`store::writer`).
 //! - [`catalog`]: node kind resolution (registry, executors, prefix).
 //! - [`policy`]: PDP calls and the local deny/`dev-allow` fallback.
 //! - [`executors`]: several atomic executors: listings, health, routing, failover.
