@@ -30,11 +30,15 @@ async fn held(constraints: Value) -> (Coordinator, TestCompositeExecutor, Value)
     let run = coord.start_run(COMPOSITE_TYPE, "1", json!({}), extra).await;
     let root = run["root_node_run_id"].as_str().unwrap().to_owned();
     coord.wait_node_state(&root, "running", WAIT).await;
-    let begin = ce
-        .begins()
-        .into_iter()
-        .find(|b| b.node_run_id == root)
-        .expect("begin reached the executor");
+    // `running` can be recorded with the POST, before the dispatcher's begin call.
+    let waiting = std::time::Instant::now();
+    let begin = loop {
+        if let Some(begin) = ce.begins().into_iter().find(|b| b.node_run_id == root) {
+            break begin;
+        }
+        assert!(waiting.elapsed() < WAIT, "begin never reached the executor");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert_eq!(
         begin.coordinator_endpoint, coord.url,
         "coordinator_endpoint is where the coordinator listens"
