@@ -1,7 +1,7 @@
 //! Several atomic executors behind one coordinator: routing by listing, failover, recovery, hangs.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -9,9 +9,8 @@ use jarvis_atomic_executor::RunningServer;
 use jarvis_atomic_executor::config::Config as ExecutorConfig;
 use jarvis_atomic_executor::watpack::{WatNode, WatPack};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
 
-use crate::proxy::ExecutorProxy;
+use crate::proxy::{ExecutorProxy, HungExecutor};
 use crate::support::{Coordinator, Options, types};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -304,41 +303,9 @@ async fn an_executor_that_stops_answering_leaves_the_rotation_and_returns_when_i
     eprintln!("out of rotation after {out:?}, back {back:?} after answering again");
 }
 
-/// Accepts connections and never answers, like an executor stopped with SIGSTOP.
-struct HungListener {
-    url: String,
-    _held: Arc<Mutex<Vec<TcpStream>>>,
-    accepting: tokio::task::JoinHandle<()>,
-}
-
-impl HungListener {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let sink = held.clone();
-        let accepting = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                sink.lock().unwrap().push(stream);
-            }
-        });
-        Self {
-            url,
-            _held: held,
-            accepting,
-        }
-    }
-}
-
-impl Drop for HungListener {
-    fn drop(&mut self) {
-        self.accepting.abort();
-    }
-}
-
 #[tokio::test]
 async fn posts_answer_in_milliseconds_while_one_executor_hangs() {
-    let hung = HungListener::start().await;
+    let hung = HungExecutor::start().await;
     let working = Executor::start(&[]).await;
     let coord = Arc::new(Coordinator::start(over(&[&hung.url, &working.url])).await);
     let mut latencies = Vec::new();

@@ -1,6 +1,6 @@
 //! Peer services as other ARP implementations write them: extra fields, plain extension keys, hangs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -12,9 +12,10 @@ use jarvis_atomic_executor::config::Config as ExecutorConfig;
 use jarvis_run_coordinator::Server;
 use jarvis_run_coordinator::config::Config;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::proxy::HungExecutor;
 use crate::support::{
     COMPOSITE_TYPE, CompositeMode, Coordinator, Options, TestCompositeExecutor, TestDb, config,
     json_response,
@@ -280,44 +281,10 @@ async fn an_executor_answer_we_cannot_use_fails_with_a_code_naming_it_and_the_fi
     assert!(message.contains("`state`"), "{message}");
 }
 
-/// Accepts connections and never answers, like an executor stopped with SIGSTOP.
-struct HungExecutor {
-    port: u16,
-    accepting: tokio::task::JoinHandle<()>,
-    held: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl HungExecutor {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let sink = held.clone();
-        let accepting = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                sink.lock().unwrap().push(stream);
-            }
-        });
-        Self {
-            port,
-            accepting,
-            held,
-        }
-    }
-
-    /// Closes the port and every connection it held, as a killed process would.
-    async fn stop(self) -> u16 {
-        self.accepting.abort();
-        let _ = self.accepting.await;
-        self.held.lock().unwrap().clear();
-        self.port
-    }
-}
-
 #[tokio::test]
 async fn a_hung_executor_delays_no_post_and_runs_complete_once_it_recovers() {
     let hung = HungExecutor::start().await;
-    let url = format!("http://127.0.0.1:{}", hung.port);
+    let url = hung.url.clone();
     let s = start(
         Options {
             atomic_executor_url: Some(url),
@@ -377,7 +344,7 @@ async fn a_hung_atomic_executor_delays_neither_composite_runs_nor_their_children
     let composite = TestCompositeExecutor::start(CompositeMode::Hold).await;
     let s = start(
         Options {
-            atomic_executor_url: Some(format!("http://127.0.0.1:{}", hung.port)),
+            atomic_executor_url: Some(hung.url.clone()),
             composite_executor_url: Some(composite.url.clone()),
             ..Options::default()
         },

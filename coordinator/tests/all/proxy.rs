@@ -1,5 +1,6 @@
-//! A real atomic executor behind a real HTTP proxy that records what it is asked to
-//! execute, can hold each execute call, and can stop answering altogether.
+//! Executors as the coordinator's tests need them: a real atomic executor behind a
+//! real HTTP proxy that records what it is asked to execute, can hold each execute
+//! call, and can stop answering altogether; and a port that accepts and never answers.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use axum::response::IntoResponse;
 use jarvis_atomic_executor::RunningServer;
 use jarvis_atomic_executor::config::Config as ExecutorConfig;
 use serde_json::Value;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Execute requests the proxy received: (node_run_id, body), in order, repeats included.
@@ -132,4 +133,46 @@ async fn forward(
     let text = upstream.text().await.unwrap_or_default();
     let _ = frozen.wait_for(|f| !*f).await;
     (status, [("content-type", "application/json")], text).into_response()
+}
+
+/// Accepts connections and never answers, like an executor stopped with SIGSTOP.
+pub struct HungExecutor {
+    pub port: u16,
+    pub url: String,
+    accepting: tokio::task::JoinHandle<()>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl HungExecutor {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let sink = held.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                sink.lock().unwrap().push(stream);
+            }
+        });
+        Self {
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            accepting,
+            held,
+        }
+    }
+
+    /// Closes the port and every connection it held, as a killed process would.
+    pub async fn stop(mut self) -> u16 {
+        self.accepting.abort();
+        let _ = (&mut self.accepting).await;
+        self.held.lock().unwrap().clear();
+        self.port
+    }
+}
+
+impl Drop for HungExecutor {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
 }
