@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::proxy::ExecutorProxy;
 use crate::support::{
     Coordinator, Options, Process, TestDb, assert_gapless, free_port, spin_pack, wait_healthy,
+    wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -99,25 +100,22 @@ async fn two_coordinators_share_runs_streams_and_cancels() {
     let run = post_run(&a, &spin_long).await.unwrap();
     let run_id = run["run_id"].as_str().unwrap();
     let running = |p: &ExecutorProxy| p.server.service.executor.running();
-    let started = Instant::now();
-    while running(&ex_a) + running(&ex_b) == 0 {
-        assert!(started.elapsed() < WAIT, "the spinning node never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the spinning node never started", WAIT, || {
+        running(&ex_a) + running(&ex_b) > 0
+    })
+    .await;
     let (status, _) = b
         .post(&format!("/v1/runs/{run_id}:cancel"), json!({}))
         .await;
     assert!(status.is_success(), "{status}");
     let done = a.wait_terminal(run_id, WAIT).await;
     assert_eq!(done["state"], "canceled");
-    let stopping = Instant::now();
-    while running(&ex_a) + running(&ex_b) > 0 {
-        assert!(
-            stopping.elapsed() < Duration::from_secs(10),
-            "the executor still runs the canceled node"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "the executor still runs the canceled node",
+        Duration::from_secs(10),
+        || running(&ex_a) + running(&ex_b) == 0,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     COMPOSITE_TYPE, CompositeMode, Coordinator, Options, Process, TestCompositeExecutor, TestDb,
-    assert_gapless, client, free_port, spin_pack, types, wait_healthy,
+    assert_gapless, client, free_port, spin_pack, types, wait_healthy, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -153,14 +153,10 @@ async fn cancel_run_stops_a_spinning_guest_in_the_executor() {
         run["root_node_run_id"].as_str().unwrap(),
     );
     coord.wait_node_state(root, "running", WAIT).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ex.service.executor.running() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the guest never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the guest never started", WAIT, || {
+        ex.service.executor.running() > 0
+    })
+    .await;
 
     let (s, canceled) = coord
         .post(&format!("/v1/runs/{run_id}:cancel"), Value::Null)
@@ -169,14 +165,12 @@ async fn cancel_run_stops_a_spinning_guest_in_the_executor() {
         (s, canceled["state"].as_str()),
         (StatusCode::OK, Some("canceled"))
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while ex.service.executor.running() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the spinning guest was not stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "the spinning guest was not stopped",
+        Duration::from_secs(5),
+        || ex.service.executor.running() == 0,
+    )
+    .await;
     assert_eq!(coord.node_run(root).await["state"], "canceled");
     // The executor's late `canceled` result does not reopen or rewrite anything.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -241,14 +235,10 @@ async fn a_root_of_a_known_kind_is_running_when_its_post_is_answered() {
             .await;
         assert_eq!(s, StatusCode::OK);
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ex.service.executor.running() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the spinning guests were not stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the spinning guests were not stopped", WAIT, || {
+        ex.service.executor.running() == 0
+    })
+    .await;
     let events = coord.events(run_id).await;
     assert_gapless(&events);
     let decisions = types(&events)

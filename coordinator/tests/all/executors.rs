@@ -11,7 +11,7 @@ use jarvis_atomic_executor::watpack::{WatNode, WatPack};
 use serde_json::{Value, json};
 
 use crate::proxy::{ExecutorProxy, HungExecutor};
-use crate::support::{Coordinator, Options, types};
+use crate::support::{Coordinator, Options, types, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -211,11 +211,8 @@ async fn a_cancel_reaches_the_executor_that_has_the_node_run() {
         .start_run("jarvis.test.spin", "1.0.0", json!({}), json!({}))
         .await;
     let run_id = run["run_id"].as_str().unwrap();
-    let deadline = Instant::now() + WAIT;
-    while spinner.server.service.executor.running() == 0 {
-        assert!(Instant::now() < deadline, "the guest never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let running = || spinner.server.service.executor.running();
+    wait_until("the guest never started", WAIT, || running() > 0).await;
     let (status, canceled) = coord
         .post(&format!("/v1/runs/{run_id}:cancel"), Value::Null)
         .await;
@@ -223,14 +220,12 @@ async fn a_cancel_reaches_the_executor_that_has_the_node_run() {
         (status, canceled["state"].as_str()),
         (StatusCode::OK, Some("canceled"))
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while spinner.server.service.executor.running() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the spinning guest was not stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "the spinning guest was not stopped",
+        Duration::from_secs(5),
+        || running() == 0,
+    )
+    .await;
     assert!(plain.executed().is_empty(), "{:?}", plain.executed());
 }
 

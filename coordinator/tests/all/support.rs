@@ -363,6 +363,15 @@ impl Coordinator {
 }
 
 /// Asserts seq runs 0, 1, 2, ... without gaps.
+/// Polls `done` every 10 ms until it holds; panics with `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn assert_gapless(events: &[Value]) {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["seq"], json!(i), "seq gap at {i}: {events:#?}");
