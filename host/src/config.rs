@@ -117,6 +117,14 @@ pub struct Args {
     #[arg(long, env = "JARVIS_GUEST_NICE", default_value_t = 0)]
     pub guest_nice: i32,
 
+    /// Run the API's and the guests' threads under SCHED_BATCH (Linux): a
+    /// woken thread waits for the scheduler's tick instead of preempting the
+    /// running one, so calls cross between them in batches rather than with
+    /// two context switches each (echo on one core: 47.7k req/s against
+    /// 39.6k without). `false` keeps the default policy.
+    #[arg(long, env = "JARVIS_SCHED_BATCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sched_batch: bool,
+
     /// Log lines one execution may write; the rest are counted and dropped.
     #[arg(long, env = "JARVIS_MAX_GUEST_LOG_LINES", default_value_t = 100)]
     pub max_guest_log_lines: u32,
@@ -342,6 +350,7 @@ impl Args {
             guest_threads: GuestThreads {
                 threads: guest_threads,
                 nice: self.guest_nice,
+                batch: self.sched_batch,
             },
             compile_cache_dir,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

@@ -266,7 +266,10 @@ impl Executor {
             }
             outcome
         };
-        match tokio::spawn(execution).await {
+        // Boxed: a task's cell holds its future and then its output in one
+        // slot, so an unboxed execution's state would be copied into the cell
+        // at spawn and its whole slot written again at the end.
+        match tokio::spawn(Box::pin(execution)).await {
             Ok(outcome) => outcome,
             // The execution panicked (its guard has forgotten the NodeRun):
             // never expected, but answer rather than hang.

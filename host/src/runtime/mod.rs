@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use wasmtime::component::Linker;
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use self::guests::{GuestRuntime, GuestThreads};
+pub use self::guests::{GuestRuntime, GuestThreads, batch_scheduling};
 pub use self::sandbox::{Sandbox, StoreState};
 pub use self::trap::{Interrupted, InterruptedError, MemoryLimitExceeded};
 
