@@ -78,8 +78,8 @@ impl Drop for GuestRuntime {
 /// longer costs two context switches per call where they share a core: the
 /// API thread reads every request that is ready before the guest thread runs
 /// them all, and the results go back together (the built-in echo at 64
-/// connections on one core: 39.6k req/s without it, 47.7k with it; health
-/// p99 stays within 6 ms while 1,000 guests spin).
+/// connections on one core: 36.7k req/s without it, 44.1k with it; see the
+/// README's Benchmarks for health and overshoot with 1,000 spinning guests).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 pub fn batch_scheduling() {
