@@ -221,14 +221,10 @@ async fn a_root_of_a_known_kind_is_running_when_its_post_is_answered() {
     assert_eq!(events[3]["data"]["action"], "node.run.execute");
 
     // Both guests running before the cancels, so no cancel overtakes its execute call.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while ex.service.executor.running() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the second guest never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the second guest never started", WAIT, || {
+        ex.service.executor.running() >= 2
+    })
+    .await;
     for run_id in [first["run_id"].as_str().unwrap(), run_id] {
         let (s, _) = coord
             .post(&format!("/v1/runs/{run_id}:cancel"), Value::Null)

@@ -362,7 +362,6 @@ impl Coordinator {
     }
 }
 
-/// Asserts seq runs 0, 1, 2, ... without gaps.
 /// Polls `done` every 10 ms until it holds; panics with `what` after `within`.
 pub async fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
@@ -372,6 +371,7 @@ pub async fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> 
     }
 }
 
+/// Asserts seq runs 0, 1, 2, ... without gaps.
 pub fn assert_gapless(events: &[Value]) {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["seq"], json!(i), "seq gap at {i}: {events:#?}");
