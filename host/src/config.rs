@@ -117,11 +117,11 @@ pub struct Args {
     #[arg(long, env = "JARVIS_GUEST_NICE", default_value_t = 0)]
     pub guest_nice: i32,
 
-    /// Run the API's and the guests' threads under SCHED_BATCH (Linux): a
-    /// woken thread waits for the scheduler's tick instead of preempting the
-    /// running one, so calls cross between them in batches rather than with
-    /// two context switches each (the built-in echo on one core: 44.1k req/s
-    /// against 36.7k without). `false` keeps the default policy.
+    /// Run the guests' threads under SCHED_BATCH (Linux): a guest thread
+    /// handed a call waits for the scheduler's tick instead of preempting
+    /// the API's thread, so calls cross to the guests in batches (results
+    /// come back in batches by `runtime::handoff`). The API's threads keep
+    /// the default policy. `false` keeps it for the guests' too.
     #[arg(long, env = "JARVIS_SCHED_BATCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub sched_batch: bool,
 

@@ -66,16 +66,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The API's threads share the guests' scheduling policy (see
-    // `batch_scheduling`), so neither preempts the other on every hand-off.
-    let batch = config.guest_threads.batch;
+    // The API's threads keep the ordinary policy: a request that arrives
+    // preempts whatever guest runs on its core.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(move || {
-            if batch {
-                jarvis_atomic_executor::runtime::batch_scheduling();
-            }
-        })
         .build()
     {
         Ok(rt) => rt,

@@ -44,6 +44,7 @@ use crate::grants::log::Sanitized;
 use crate::metrics::{Gauges, Metrics, NodeLabels};
 use crate::registry::{Lookup, PackRegistry};
 use crate::runtime::Cancel;
+use crate::runtime::handoff::handoff;
 
 pub use self::outcome::{MAX_ERROR_CODE_BYTES, NODE_ERROR, NODE_ERROR_INVALID_CODE, OutputLimits};
 
@@ -371,16 +372,20 @@ impl Executor {
             permit,
         };
         let this = self.clone();
-        // Boxed: the guest side's future holds wasmtime's call state, and
-        // spawning an unboxed one would copy it.
-        let mut guest = self
-            .guests
-            .spawn(Box::pin(async move { this.run_guest(job).await }));
+        // The result comes back through a handoff rather than the task's
+        // join handle, so the guest thread wakes this task along with the
+        // others it finished (see `runtime::handoff`). Boxed: the guest
+        // side's future holds wasmtime's call state, and spawning an unboxed
+        // one would copy it.
+        let (result, mut guest) = handoff();
+        drop(self.guests.spawn(Box::pin(async move {
+            result.send(this.run_guest(job).await);
+        })));
         let ended = tokio::select! {
             biased;
             done = &mut guest => {
-                return done.map_err(|e| {
-                    tracing::error!(error = %e, "an execution's guest side failed inside the executor");
+                return done.ok_or_else(|| {
+                    tracing::error!("an execution's guest side failed inside the executor");
                     ExecuteError::Internal
                 });
             }

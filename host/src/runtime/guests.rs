@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use super::handoff;
+
 /// The runtime guests run on: worker threads of their own, named `guest-N`,
 /// so the API's runtime never polls a guest. On Linux the threads run at a
 /// lower priority (a higher nice value), so on a saturated machine the API's
@@ -41,7 +43,11 @@ impl GuestRuntime {
                     batch_scheduling();
                 }
                 lower_thread_priority(nice);
+                handoff::hold_wakeups();
             })
+            // Results held on a thread are delivered before it sleeps.
+            .on_thread_park(handoff::deliver_held)
+            .on_thread_stop(handoff::deliver_held)
             .enable_time()
             // Outbound HTTP (grants/http) connects and reads on these threads.
             .enable_io()
@@ -73,16 +79,14 @@ impl Drop for GuestRuntime {
 
 /// Puts the calling thread under `SCHED_BATCH` (Linux): when it wakes, it
 /// does not preempt the thread running on its CPU; the scheduler's tick does
-/// that within a few milliseconds. With the API's threads and the guests'
-/// both under it, handing a call to a guest thread and its result back no
-/// longer costs two context switches per call where they share a core: the
-/// API thread reads every request that is ready before the guest thread runs
-/// them all, and the results go back together (the built-in echo at 64
-/// connections on one core: 36.7k req/s without it, 44.1k with it; see the
-/// README's Benchmarks for health and overshoot with 1,000 spinning guests).
+/// that within a few milliseconds. The guests' threads run under it, so an
+/// API thread handing them calls keeps its core until it has read every
+/// request that is ready, and the guest thread then runs them all; their
+/// results come back together through [`handoff`](super::handoff). The API's
+/// threads keep the default policy, so a request preempts a guest at once.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn batch_scheduling() {
+fn batch_scheduling() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `sched_setscheduler` reads the one `sched_param` passed by
     // reference for the duration of the call; pid 0 is the calling thread.
@@ -93,7 +97,7 @@ pub fn batch_scheduling() {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn batch_scheduling() {}
+fn batch_scheduling() {}
 
 /// Raises the calling thread's nice value by `nice` (Linux schedules threads
 /// one by one, so only this thread is affected).

@@ -7,8 +7,10 @@
 //!   used by `describe` at load and by every invoke.
 //! - [`trap`]: the errors a stopped guest call ends with.
 //! - [`guests`]: the tokio runtime guests run on.
+//! - [`handoff`]: results from the guests' threads to the API's, woken in batches.
 
 mod guests;
+pub mod handoff;
 pub mod sandbox;
 mod trap;
 
@@ -21,7 +23,7 @@ use tokio::sync::Notify;
 use wasmtime::component::Linker;
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use self::guests::{GuestRuntime, GuestThreads, batch_scheduling};
+pub use self::guests::{GuestRuntime, GuestThreads};
 pub use self::sandbox::{Sandbox, StoreState};
 pub use self::trap::{Interrupted, InterruptedError, MemoryLimitExceeded};
 

@@ -141,6 +141,9 @@ impl Runtime {
                 Ok(UpdateDeadline::Continue(1))
             } else {
                 resumed = true;
+                // This guest held the thread for a tick: results finished
+                // before it are not held behind it.
+                super::handoff::deliver_held();
                 // tokio's yield_now lets the runtime poll its I/O driver first;
                 // a plain wake-up would starve network tasks. A deadline of 0
                 // ticks after the yield calls back here as soon as it resumes.
