@@ -67,7 +67,8 @@ fn main() -> ExitCode {
         }
     };
     // The API's threads keep the ordinary policy: a request that arrives
-    // preempts whatever guest runs on its core.
+    // may preempt a guest on its core without waiting for the scheduler's
+    // tick (see `runtime::handoff` for how results still cross in batches).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -83,7 +83,8 @@ impl Drop for GuestRuntime {
 /// API thread handing them calls keeps its core until it has read every
 /// request that is ready, and the guest thread then runs them all; their
 /// results come back together through [`handoff`](super::handoff). The API's
-/// threads keep the default policy, so a request preempts a guest at once.
+/// threads keep the default policy, so one woken by a request may preempt a
+/// guest without waiting for the tick.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn batch_scheduling() {

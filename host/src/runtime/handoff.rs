@@ -8,10 +8,15 @@
 //! each result would preempt the guest thread once per call where the two
 //! share a core; held, the results of a burst of calls cross in one switch,
 //! and the API's threads can keep the ordinary scheduling policy, which lets
-//! them preempt guests the moment a request arrives.
+//! them preempt guests when a request arrives rather than at the scheduler's
+//! next tick.
 //!
-//! A waiter that is polled for another reason (its deadline, a cancel) sees a
-//! stored result whether or not it was woken for it.
+//! A held wake-up waits at most for what the thread runs next before one of
+//! those: the rest of one guest's slice (an epoch tick, 10 ms) or one call's
+//! validation (bounded by the schema limits at load). A waiter that is polled
+//! for another reason (its deadline, a cancel) sees a stored result whether
+//! or not it was woken for it, so a result stored before the deadline is the
+//! answer even if its wake-up was still held.
 
 use std::cell::RefCell;
 use std::future::Future;
