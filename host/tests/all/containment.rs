@@ -316,7 +316,7 @@ async fn three_hundred_spinning_guests_neither_starve_health_nor_overrun_deadlin
     cfg.executor.max_queue = SPINNERS;
     cfg.runtime.max_instances = SPINNERS as u32;
     cfg.executor.default_timeout = LIMIT;
-    let t = start(cfg, &[("spin.wasm", pack("spin", SPIN))]).await;
+    let t = start_alone(cfg, &[("spin.wasm", pack("spin", SPIN))]).await;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(SPINNERS)
         .build()

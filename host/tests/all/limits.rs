@@ -268,7 +268,7 @@ async fn overload_answers_503_with_retry_after() {
 async fn health_answers_while_guests_spin() {
     let mut cfg = config();
     cfg.executor.default_timeout = Duration::from_secs(4);
-    let t = start(cfg, &[("spin.wasm", pack("spin", SPIN))]).await;
+    let t = start_alone(cfg, &[("spin.wasm", pack("spin", SPIN))]).await;
     let spinners: Vec<_> = (0..2)
         .map(|i| {
             t.spawn_execute(request(

@@ -1,5 +1,7 @@
 //! Test support: real executors on 127.0.0.1:0 with WAT packs in a temp dir.
 
+use std::cell::RefCell;
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
 use jarvis_atomic_executor::config::Config;
@@ -11,6 +13,35 @@ pub(crate) struct TestServer {
     pub server: RunningServer,
     pub client: reqwest::Client,
     _dir: tempfile::TempDir,
+    /// Its test's share of the machine (see [`start_alone`]).
+    _share: Arc<Share>,
+}
+
+/// The tests of this binary run in parallel, and a few assert how promptly
+/// the API answers while guests saturate the CPU: those run alone.
+static MACHINE: LazyLock<Arc<tokio::sync::RwLock<()>>> = LazyLock::new(Default::default);
+
+/// A test's hold on [`MACHINE`]: shared by every test server a test starts,
+/// or alone.
+enum Share {
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Alone(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+thread_local! {
+    /// The share the test on this thread holds (a test's body runs on its
+    /// own thread): a second server in the same test must not queue for the
+    /// lock behind a waiting `start_alone`, which waits for the first.
+    static HELD: RefCell<Weak<Share>> = const { RefCell::new(Weak::new()) };
+}
+
+async fn shared() -> Arc<Share> {
+    if let Some(held) = HELD.with(|h| h.borrow().upgrade()) {
+        return held;
+    }
+    let share = Arc::new(Share::Shared(MACHINE.clone().read_owned().await));
+    HELD.with(|h| *h.borrow_mut() = Arc::downgrade(&share));
+    share
 }
 
 /// Config with small, test-friendly limits.
@@ -26,7 +57,24 @@ pub(crate) fn config() -> Config {
 
 /// Starts a server whose packs directory holds `files` (name, bytes) and
 /// waits until every pack is loaded or skipped.
-pub(crate) async fn start(mut config: Config, files: &[(&str, Vec<u8>)]) -> TestServer {
+pub(crate) async fn start(config: Config, files: &[(&str, Vec<u8>)]) -> TestServer {
+    let share = shared().await;
+    start_holding(share, config, files).await
+}
+
+/// As [`start`], once no other test of this binary runs a server, and none
+/// starts one until this one is dropped: for tests that time the API while
+/// guests saturate the CPU.
+pub(crate) async fn start_alone(config: Config, files: &[(&str, Vec<u8>)]) -> TestServer {
+    let share = Arc::new(Share::Alone(MACHINE.clone().write_owned().await));
+    start_holding(share, config, files).await
+}
+
+async fn start_holding(
+    share: Arc<Share>,
+    mut config: Config,
+    files: &[(&str, Vec<u8>)],
+) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     for (name, bytes) in files {
         std::fs::write(dir.path().join(name), bytes).unwrap();
@@ -42,6 +90,7 @@ pub(crate) async fn start(mut config: Config, files: &[(&str, Vec<u8>)]) -> Test
         server,
         client: reqwest::Client::new(),
         _dir: dir,
+        _share: share,
     }
 }
 
