@@ -6,8 +6,8 @@ use std::time::Duration;
 use super::handoff;
 
 /// The runtime guests run on: worker threads of their own, named `guest-N`,
-/// so the API's runtime never polls a guest. On Linux the threads run at a
-/// lower priority (a higher nice value), so on a saturated machine the API's
+/// so the API's runtime never polls a guest. On Linux their nice value can be
+/// raised (`GuestThreads::nice`), so on a saturated machine the API's
 /// threads win the CPU and health checks, admission and deadline answers
 /// stay prompt however many guests spin.
 ///
@@ -43,7 +43,7 @@ impl GuestRuntime {
                     batch_scheduling();
                 }
                 lower_thread_priority(nice);
-                handoff::hold_wakeups();
+                handoff::hold_wakeups(handoff::MAX_HOLD);
             })
             // Results held on a thread are delivered before it sleeps.
             .on_thread_park(handoff::deliver_held)

@@ -141,6 +141,27 @@ struct Held {
     wakers: Vec<Waker>,
     /// When the oldest of them was held.
     since: Instant,
+    /// How long the oldest may wait while the thread keeps running calls.
+    max_hold: Duration,
+}
+
+impl Held {
+    /// Holds `waker`; the batch to wake now, if it is full or old enough.
+    fn push(&mut self, waker: Waker) -> Option<Vec<Waker>> {
+        if self.wakers.is_empty() {
+            // The first of a batch is its oldest: nothing is due yet.
+            self.since = Instant::now();
+            self.wakers.push(waker);
+            return None;
+        }
+        self.wakers.push(waker);
+        (self.wakers.len() >= MAX_HELD || self.since.elapsed() >= self.max_hold)
+            .then(|| self.take())
+    }
+
+    fn take(&mut self) -> Vec<Waker> {
+        std::mem::replace(&mut self.wakers, Vec::with_capacity(MAX_HELD))
+    }
 }
 
 thread_local! {
@@ -148,34 +169,25 @@ thread_local! {
 }
 
 /// Makes senders on the calling thread hold their wake-ups until
-/// [`deliver_held`]. Call it where the thread starts, and `deliver_held` before
-/// the thread parks or stops.
-pub fn hold_wakeups() {
+/// [`deliver_held`], the oldest for at most `max_hold` ([`MAX_HOLD`] on the
+/// guest threads) while the thread keeps running calls. Call it where the
+/// thread starts, and `deliver_held` before the thread parks or stops.
+pub fn hold_wakeups(max_hold: Duration) {
     HELD.with(|held| {
         held.borrow_mut().get_or_insert_with(|| Held {
             wakers: Vec::with_capacity(MAX_HELD),
             since: Instant::now(),
+            max_hold,
         });
     });
 }
 
 fn hold(waker: Waker) {
-    let due = HELD.with(|held| {
-        let mut held = held.borrow_mut();
-        let Some(held) = held.as_mut() else {
-            return Some(vec![waker]);
-        };
-        if held.wakers.is_empty() {
-            held.since = Instant::now();
-        }
-        held.wakers.push(waker);
-        (held.wakers.len() >= MAX_HELD || held.since.elapsed() >= MAX_HOLD)
-            .then(|| std::mem::replace(&mut held.wakers, Vec::with_capacity(MAX_HELD)))
+    let due = HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(held) => held.push(waker),
+        None => Some(vec![waker]),
     });
-    // Woken outside the borrow: a waker may run code that holds again.
-    for waker in due.into_iter().flatten() {
-        waker.wake();
-    }
+    wake_all(due);
 }
 
 /// Delivers every wake-up the calling thread holds.
@@ -184,8 +196,14 @@ pub fn deliver_held() {
         held.borrow_mut()
             .as_mut()
             .filter(|held| !held.wakers.is_empty())
-            .map(|held| std::mem::replace(&mut held.wakers, Vec::with_capacity(MAX_HELD)))
+            .map(Held::take)
     });
+    wake_all(due);
+}
+
+/// Woken outside the thread's borrow of its held wake-ups: a waker may run
+/// code that holds again.
+fn wake_all(due: Option<Vec<Waker>>) {
     for waker in due.into_iter().flatten() {
         waker.wake();
     }
@@ -236,7 +254,9 @@ mod tests {
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let woken = || count.0.load(Ordering::SeqCst);
-        hold_wakeups();
+        // Held by count and delivery alone: a preempted test thread must not
+        // make the age bound deliver early.
+        hold_wakeups(Duration::from_secs(3600));
 
         let (tx, mut rx) = waiting(&waker);
         tx.send(1);
@@ -284,7 +304,7 @@ mod tests {
         let (send_tx, send_rx) = std::sync::mpsc::channel::<()>();
         let (deliver_tx, deliver_rx) = std::sync::mpsc::channel::<()>();
         let guest = std::thread::spawn(move || {
-            hold_wakeups();
+            hold_wakeups(MAX_HOLD);
             send_rx.recv().unwrap();
             tx.send("done");
             deliver_rx.recv().unwrap();
