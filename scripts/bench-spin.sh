@@ -4,7 +4,7 @@
 # deadline overshoot (p50/p99/max). Targets on 2 cores: health p99 <= 5 ms,
 # overshoot p99 <= 50 ms. Only 127.0.0.1; the server is stopped on exit.
 # Usage: scripts/bench-spin.sh [-n CALLS=1000] [--limit-ms MS=2000] [--port PORT=18086]
-#        (env passes through to the executor, e.g. JARVIS_GUEST_NICE=0).
+#        (env passes through to the executor, e.g. JARVIS_LONG_CALL_NICE=0).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 calls=1000 limit=2000 port=18086

@@ -105,17 +105,17 @@ pub struct Args {
     #[arg(long, env = "JARVIS_MAX_ERROR_DETAILS_BYTES", default_value_t = 64 << 10)]
     pub max_error_details_bytes: usize,
 
-    /// Threads guests run on, apart from the API's [default: one per CPU].
+    /// Threads guests run on, apart from the API's, in each of the two
+    /// tiers (short calls, long calls) [default: one per CPU].
     #[arg(long, env = "JARVIS_GUEST_THREADS")]
     pub guest_threads: Option<usize>,
 
-    /// Nice value added to the guest threads (Linux). 0 (the default) keeps
-    /// them at the API's priority: the API's threads already answer health
-    /// within a few ms while 1,000 guests spin, and a lower priority starves
-    /// guests whenever the API's threads are busy (echo at 64 connections on
-    /// one core: 16k req/s at +10 against 35k at 0).
-    #[arg(long, env = "JARVIS_GUEST_NICE", default_value_t = 0)]
-    pub guest_nice: i32,
+    /// Nice value added to the threads that run long calls (Linux): calls
+    /// still running 1 ms after they started move there, so that however
+    /// many guests spin, a thread woken for the API takes the CPU from them
+    /// at once. 0 keeps long calls at the API's priority (0 to 19).
+    #[arg(long, env = "JARVIS_LONG_CALL_NICE", default_value_t = 19)]
+    pub long_call_nice: i32,
 
     /// Run the guests' threads under SCHED_BATCH (Linux): a guest thread
     /// handed a call waits for the scheduler's tick instead of preempting
@@ -279,7 +279,7 @@ impl Args {
         within("JARVIS_MAX_PACK_FILE_MIB", self.max_pack_file_mib, 1..=4096)?;
         let guest_threads = self.guest_threads.unwrap_or(cpus);
         within("JARVIS_GUEST_THREADS", guest_threads, 1..=1024)?;
-        within("JARVIS_GUEST_NICE", self.guest_nice, 0..=19)?;
+        within("JARVIS_LONG_CALL_NICE", self.long_call_nice, 0..=19)?;
         for (name, value) in [
             ("JARVIS_MAX_OUTPUT_BYTES", self.max_output_bytes),
             (
@@ -349,7 +349,7 @@ impl Args {
             },
             guest_threads: GuestThreads {
                 threads: guest_threads,
-                nice: self.guest_nice,
+                long_nice: self.long_call_nice,
                 batch: self.sched_batch,
             },
             compile_cache_dir,

@@ -100,7 +100,7 @@ impl Service {
         let executor = Arc::new(Executor::new(
             registry,
             config.executor.clone(),
-            guests.handle().clone(),
+            guests.guests().clone(),
             metrics,
         ));
         Ok(Self {

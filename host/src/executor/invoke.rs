@@ -3,6 +3,7 @@
 //! within the execution's deadline.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -94,6 +95,7 @@ impl Executor {
             grants: entry.grants.clone(),
             deadline: deadline.into_std(),
             cancel: Some(cancel.clone()),
+            runs_long: Some(entry.runs_long.clone()),
         });
         let budgets = request
             .constraints
@@ -140,14 +142,20 @@ impl Executor {
                 Poll::Ready(r) => Ok(r),
                 // The epoch callback stops spinning guests; this stops guests
                 // parked in a host call (a sleep) that the callback never sees.
-                Poll::Pending => tokio::select! {
-                    biased;
-                    r = &mut call_guest => Ok(r),
-                    _ = cancel.cancelled() => Err(Interrupted::Canceled),
-                    _ = tokio::time::sleep_until(deadline) => Err(Interrupted::Timeout),
-                },
+                Poll::Pending => {
+                    let cancelled = std::pin::pin!(cancel.cancelled());
+                    let expired = std::pin::pin!(tokio::time::sleep_until(deadline));
+                    wait_for_guest(call_guest, cancelled, expired).await
+                }
             }
         };
+        // A call that ended within its first slice lets the node's next
+        // calls start on the short-call threads again (one that ran long set
+        // the hint as it moved; one stopped early, by its deadline or a
+        // cancel, says nothing of how long the node runs).
+        if !store.data().ran_long() && matches!(result, Ok(Ok(_))) {
+            entry.runs_long.store(false, Ordering::Relaxed);
+        }
         let dropped = store.data().logs_dropped();
         if dropped > 0 {
             self.metrics.guest_log_lines_dropped(dropped.into());
@@ -163,6 +171,36 @@ impl Executor {
             Err(e) => Err(Failure::from_trap(&e, &request.node_run_id, call.limit)),
         }
     }
+}
+
+/// Waits for a guest call whose first poll was pending, or for its
+/// cancellation or deadline. The guest is not polled again in the poll that
+/// sets the waiters up: one pending because it yielded at an epoch tick would
+/// resume at once, on the same thread, and the yield (which may move it to
+/// the long-call threads) would have been for nothing. Its own wake-up brings
+/// the task back; from then on the guest is polled first, so a result ready
+/// at the deadline is the answer.
+async fn wait_for_guest<T>(
+    mut guest: Pin<&mut impl Future<Output = T>>,
+    mut cancelled: Pin<&mut impl Future<Output = ()>>,
+    mut expired: Pin<&mut tokio::time::Sleep>,
+) -> Result<T, Interrupted> {
+    let mut first = true;
+    std::future::poll_fn(|cx| {
+        if !std::mem::take(&mut first)
+            && let Poll::Ready(r) = guest.as_mut().poll(cx)
+        {
+            return Poll::Ready(Ok(r));
+        }
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Interrupted::Canceled));
+        }
+        if expired.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Interrupted::Timeout));
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 fn unix_ms_at(deadline: Instant) -> u64 {

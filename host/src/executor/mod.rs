@@ -44,6 +44,7 @@ use crate::grants::log::Sanitized;
 use crate::metrics::{Gauges, Metrics, NodeLabels};
 use crate::registry::{Lookup, PackRegistry};
 use crate::runtime::Cancel;
+use crate::runtime::Guests;
 use crate::runtime::handoff::handoff;
 
 pub use self::outcome::{MAX_ERROR_CODE_BYTES, NODE_ERROR, NODE_ERROR_INVALID_CODE, OutputLimits};
@@ -160,7 +161,7 @@ pub struct Executor {
     admission: Admission,
     runs: NodeRuns,
     /// Where guests run: never the API's runtime.
-    guests: tokio::runtime::Handle,
+    guests: Guests,
     /// Guest invocations started, ever (retries that attach do not count).
     invocations: AtomicU64,
     metrics: Arc<Metrics>,
@@ -180,7 +181,7 @@ impl Executor {
     pub fn new(
         registry: Arc<PackRegistry>,
         config: ExecutorConfig,
-        guests: tokio::runtime::Handle,
+        guests: Guests,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -362,6 +363,7 @@ impl Executor {
             }
         };
 
+        let runs_long = entry.runs_long.clone();
         let job = GuestJob {
             call: call.clone(),
             entry,
@@ -378,9 +380,12 @@ impl Executor {
         // side's future holds wasmtime's call state, and spawning an unboxed
         // one would copy it.
         let (result, mut guest) = handoff();
-        drop(self.guests.spawn(Box::pin(async move {
-            result.send(this.run_guest(job).await);
-        })));
+        self.guests.spawn(
+            runs_long,
+            Box::pin(async move {
+                result.send(this.run_guest(job).await);
+            }),
+        );
         let ended = tokio::select! {
             biased;
             done = &mut guest => {

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -106,6 +107,10 @@ pub struct NodeEntry {
     catalogue_json: Box<str>,
     /// The node's labels in the executor's metrics, built once at load.
     pub(crate) metric_labels: NodeLabels,
+    /// Whether the node's last call that ran to its end, or past its first
+    /// slice, ran past it: its next call then starts on the long-call
+    /// threads (see `runtime::GuestRuntime`).
+    pub(crate) runs_long: Arc<AtomicBool>,
 }
 
 impl NodeEntry {
@@ -533,6 +538,7 @@ impl PackRegistry {
             grants: Arc::new(NodeGrants::default()),
             deadline: std::time::Instant::now() + DESCRIBE_TIME_LIMIT,
             cancel: None,
+            runs_long: None,
         });
         let call = async {
             let instance = pre
@@ -674,5 +680,6 @@ fn node_entry(
         grants: Arc::new(grants),
         needs,
         catalogue_json,
+        runs_long: Arc::default(),
     })
 }

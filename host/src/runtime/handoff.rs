@@ -3,7 +3,7 @@
 //!
 //! A guest thread that finishes a call stores its result at once but holds the
 //! wake-up of the API task waiting for it until the thread is about to park,
-//! a guest has held the thread for an epoch tick, [`MAX_HELD`] wake-ups are
+//! a guest has held the thread for a slice, [`MAX_HELD`] wake-ups are
 //! held, or the oldest has waited [`MAX_HOLD`]. Waking the API's thread for
 //! each result would preempt the guest thread once per call where the two
 //! share a core; held, the results of a burst of calls cross in one switch,
@@ -12,7 +12,7 @@
 //! next tick.
 //!
 //! A held wake-up waits at most for what the thread runs next before one of
-//! those: the rest of one guest's slice (an epoch tick, 10 ms) or one call's
+//! those: the rest of one guest's slice (at most 10 epoch ticks, 10 ms) or one call's
 //! validation (bounded by the schema limits at load). A waiter that is polled
 //! for another reason (its deadline, a cancel) sees a stored result whether
 //! or not it was woken for it, so a result stored before the deadline is the

@@ -6,7 +6,7 @@
 //! - [`sandbox`]: the store state of one execution and its constructor,
 //!   used by `describe` at load and by every invoke.
 //! - [`trap`]: the errors a stopped guest call ends with.
-//! - [`guests`]: the tokio runtime guests run on.
+//! - [`guests`]: the tokio runtimes guests run on (short calls, long calls).
 //! - [`handoff`]: results from the guests' threads to the API's, woken in batches.
 
 mod guests;
@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use wasmtime::component::Linker;
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use self::guests::{GuestRuntime, GuestThreads};
+pub use self::guests::{FIRST_SLICE, GuestCall, GuestRuntime, GuestThreads, Guests};
 pub use self::sandbox::{Sandbox, StoreState};
 pub use self::trap::{Interrupted, InterruptedError, MemoryLimitExceeded};
 
@@ -69,9 +69,10 @@ impl Runtime {
     }
 }
 
-/// How often the epoch advances. A running guest yields to the async runtime
-/// at every tick, so this bounds how long one guest holds a worker thread.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How often the epoch advances: how often a running guest's deadline and
+/// cancellation are checked, and the unit of its slices (see
+/// [`Runtime::sandbox`]).
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Operator-set limits on the wasm runtime.
 #[derive(Debug, Clone)]

@@ -2,10 +2,12 @@
 //! alike by `describe` when a pack loads and by every invoke.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 
+use super::guests::{FIRST_SLICE, move_to_long_calls};
 use super::{Cancel, Interrupted, InterruptedError, MemoryLimitExceeded, Runtime};
 use crate::grants::NodeGrants;
 use crate::grants::clock::Clock;
@@ -15,6 +17,9 @@ use crate::grants::log::LogState;
 use crate::grants::random::Random;
 use crate::grants::timer::Timer;
 use crate::grants::wasi::WasiState;
+
+/// Epoch ticks a guest on the long-call threads runs between yields.
+pub const LONG_SLICE: u32 = 10;
 
 /// What one sandbox is built for.
 #[derive(Debug)]
@@ -28,6 +33,9 @@ pub struct Sandbox {
     pub deadline: Instant,
     /// Stops the guest with `canceled` once set.
     pub cancel: Option<Arc<Cancel>>,
+    /// Set when the call runs past its first slice: the node's hint that
+    /// its calls run long (see [`Guests::spawn`](super::Guests::spawn)).
+    pub runs_long: Option<Arc<AtomicBool>>,
 }
 
 /// Everything one execution's `Store` holds: the memory budget and each
@@ -42,12 +50,21 @@ pub struct StoreState {
     pub(crate) config: ConfigState,
     pub(crate) http: HttpState,
     pub(crate) wasi: WasiState,
+    /// Set by the epoch check once the call has run past its first slice.
+    ran_long: bool,
 }
 
 impl StoreState {
     /// Guest log lines dropped over the per-execution budget.
     pub fn logs_dropped(&self) -> u32 {
         self.log.dropped()
+    }
+
+    /// Whether the call ran past its first slice
+    /// ([`FIRST_SLICE`](super::FIRST_SLICE)) and so moved to the long-call
+    /// threads.
+    pub fn ran_long(&self) -> bool {
+        self.ran_long
     }
 
     /// Lowers this execution's outbound call budget to the request's
@@ -95,14 +112,19 @@ impl ResourceLimiter for MemoryBudget {
 
 impl Runtime {
     /// A fresh store for one call: memory limits, and an epoch guard that
-    /// stops the guest at the deadline or on cancel and otherwise yields to
-    /// the async runtime at every tick, so a spinning guest never
+    /// stops the guest at the deadline or on cancel, checked at every tick.
+    ///
+    /// The guard also decides where the guest runs: one still running
+    /// [`FIRST_SLICE`](super::guests::FIRST_SLICE) after its store was made
+    /// yields and moves to the long-call threads (see
+    /// [`GuestRuntime`](super::GuestRuntime)); there it yields to the async
+    /// runtime every [`LONG_SLICE`] ticks, so a spinning guest never
     /// monopolises a thread.
     ///
     /// A guest that yielded is checked again the moment it resumes, before it
     /// runs another slice: with many guests on a thread its turn may come long
     /// after its deadline or cancellation, and it then stops at once instead of
-    /// spending a whole tick of CPU first.
+    /// spending a whole slice of CPU first.
     pub fn sandbox(&self, sandbox: Sandbox) -> Store<StoreState> {
         let Sandbox {
             node_run_id,
@@ -110,6 +132,7 @@ impl Runtime {
             grants,
             deadline,
             cancel,
+            runs_long,
         } = sandbox;
         let limits = &self.limits;
         let state = StoreState {
@@ -124,34 +147,58 @@ impl Runtime {
             timer: Timer,
             config: ConfigState::new(grants),
             wasi: WasiState::default(),
+            ran_long: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
+        let made = Instant::now();
+        let mut long = false;
+        let mut ticks = 0;
         let mut resumed = false;
-        store.epoch_deadline_callback(move |_| {
+        store.epoch_deadline_callback(move |mut store| {
+            let now = Instant::now();
             if cancel.as_deref().is_some_and(Cancel::is_cancelled) {
-                Err(wasmtime::Error::new(InterruptedError(
+                return Err(wasmtime::Error::new(InterruptedError(
                     Interrupted::Canceled,
-                )))
-            } else if Instant::now() >= deadline {
-                Err(wasmtime::Error::new(InterruptedError(Interrupted::Timeout)))
-            } else if resumed {
-                // The check right after a yield passed: run until the next tick.
-                resumed = false;
-                Ok(UpdateDeadline::Continue(1))
-            } else {
-                resumed = true;
-                // This guest held the thread for a tick: results finished
-                // before it are not held behind it.
-                super::handoff::deliver_held();
-                // tokio's yield_now lets the runtime poll its I/O driver first;
-                // a plain wake-up would starve network tasks. A deadline of 0
-                // ticks after the yield calls back here as soon as it resumes.
-                Ok(UpdateDeadline::YieldCustom(
-                    0,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+                )));
             }
+            if now >= deadline {
+                return Err(wasmtime::Error::new(InterruptedError(Interrupted::Timeout)));
+            }
+            if resumed {
+                // The check right after a yield passed: run on.
+                resumed = false;
+                return Ok(UpdateDeadline::Continue(1));
+            }
+            ticks += 1;
+            let yields = if long {
+                ticks >= LONG_SLICE
+            } else if now - made >= FIRST_SLICE {
+                long = true;
+                store.data_mut().ran_long = true;
+                if let Some(hint) = &runs_long {
+                    hint.store(true, Ordering::Relaxed);
+                }
+                move_to_long_calls();
+                true
+            } else {
+                false
+            };
+            if !yields {
+                return Ok(UpdateDeadline::Continue(1));
+            }
+            ticks = 0;
+            resumed = true;
+            // This guest held the thread for a slice: results finished
+            // before it are not held behind it.
+            super::handoff::deliver_held();
+            // tokio's yield_now lets the runtime poll its I/O driver first;
+            // a plain wake-up would starve network tasks. A deadline of 0
+            // ticks after the yield calls back here as soon as it resumes.
+            Ok(UpdateDeadline::YieldCustom(
+                0,
+                Box::pin(tokio::task::yield_now()),
+            ))
         });
         store.set_epoch_deadline(1);
         store
