@@ -110,10 +110,11 @@ pub struct Args {
     #[arg(long, env = "JARVIS_GUEST_THREADS")]
     pub guest_threads: Option<usize>,
 
-    /// Nice value added to the threads that run long calls (Linux): calls
-    /// still running 1 ms after they started move there, so that however
-    /// many guests spin, a thread woken for the API takes the CPU from them
-    /// at once. 0 keeps long calls at the API's priority (0 to 19).
+    /// Nice value added to the threads that run long calls (Linux): a call
+    /// still running 0.1 ms after it started moves there at its next epoch
+    /// tick (1 ms), so that however many guests spin, a thread woken for the
+    /// API takes the CPU from them when it wakes. 0 keeps long calls at the
+    /// API's priority (0 to 19).
     #[arg(long, env = "JARVIS_LONG_CALL_NICE", default_value_t = 19)]
     pub long_call_nice: i32,
 

@@ -13,10 +13,11 @@ use super::handoff;
 
 /// How long a call must have run for the epoch check to move it to the
 /// long-call threads: it moves at the first epoch tick after this, so within
-/// one tick more. Short enough that a thousand calls arriving at once cost
-/// the short-call threads about half a tick each; long enough that a call
-/// that ends in microseconds (an echo) is not moved by a tick that happens
-/// to fall inside it.
+/// one tick more. Long enough that a call that ends in microseconds (an
+/// echo) is not moved by a tick that happens to fall inside it. A call that
+/// moves also marks its node, so the node's next calls start on the
+/// long-call threads (see [`Guests::spawn`]) and a burst of them does not
+/// hold the short-call threads a tick each.
 pub const FIRST_SLICE: Duration = Duration::from_micros(100);
 
 /// The threads guests run on: worker threads of their own, so the API's
