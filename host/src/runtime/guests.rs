@@ -173,6 +173,16 @@ struct FirstSlice {
     long: tokio::runtime::Handle,
 }
 
+impl FirstSlice {
+    /// Hands the call to the long-call threads; this task ends.
+    fn move_on(&mut self) -> Poll<()> {
+        if let Some(call) = self.call.take() {
+            drop(self.long.spawn(call));
+        }
+        Poll::Ready(())
+    }
+}
+
 impl Future for FirstSlice {
     type Output = ();
 
@@ -180,10 +190,7 @@ impl Future for FirstSlice {
         // Read when its turn comes rather than when it was spawned: calls
         // that arrived together behind one that ran long go straight on.
         if self.runs_long.load(Ordering::Relaxed) {
-            if let Some(call) = self.call.take() {
-                drop(self.long.spawn(call));
-            }
-            return Poll::Ready(());
+            return self.move_on();
         }
         let Some(call) = self.call.as_mut() else {
             return Poll::Ready(());
@@ -194,10 +201,7 @@ impl Future for FirstSlice {
             // The guest yielded (its future resolves when polled again, from
             // any thread): the long-call runtime polls it from here on. The
             // wake-up it left for this task finds the task ended.
-            if let Some(call) = self.call.take() {
-                drop(self.long.spawn(call));
-            }
-            return Poll::Ready(());
+            return self.move_on();
         }
         if polled.is_ready() {
             self.call = None;

@@ -152,7 +152,6 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
         let made = Instant::now();
-        let mut long = false;
         let mut ticks = 0;
         let mut resumed = false;
         store.epoch_deadline_callback(move |mut store| {
@@ -171,10 +170,9 @@ impl Runtime {
                 return Ok(UpdateDeadline::Continue(1));
             }
             ticks += 1;
-            let yields = if long {
+            let yields = if store.data().ran_long {
                 ticks >= LONG_SLICE
             } else if now - made >= FIRST_SLICE {
-                long = true;
                 store.data_mut().ran_long = true;
                 if let Some(hint) = &runs_long {
                     hint.store(true, Ordering::Relaxed);
