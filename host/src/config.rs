@@ -126,6 +126,14 @@ pub struct Args {
     #[arg(long, env = "JARVIS_SCHED_BATCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub sched_batch: bool,
 
+    /// Let the kernel back this process's memory with transparent huge pages
+    /// where the allocator asks for them (Linux). Off by default: faulting in
+    /// a fresh 2 MiB page zeroes all of it on the thread that touched it, and
+    /// a burst of new connections then stalls the API's threads for tens of
+    /// milliseconds; 4 KiB pages spread that cost over the requests.
+    #[arg(long, env = "JARVIS_TRANSPARENT_HUGE_PAGES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub transparent_huge_pages: bool,
+
     /// Log lines one execution may write; the rest are counted and dropped.
     #[arg(long, env = "JARVIS_MAX_GUEST_LOG_LINES", default_value_t = 100)]
     pub max_guest_log_lines: u32,
@@ -209,6 +217,9 @@ pub struct Config {
     /// Bounds on what a pack may declare.
     pub pack_limits: PackLimits,
     pub guest_threads: GuestThreads,
+    /// Whether the process may use transparent huge pages (see
+    /// [`crate::runtime::disable_transparent_huge_pages`]).
+    pub transparent_huge_pages: bool,
     pub compile_cache_dir: Option<PathBuf>,
     pub shutdown_grace: Duration,
     /// Inbound authentication, from the `ARP_AUTH_*` variables.
@@ -353,6 +364,7 @@ impl Args {
                 long_nice: self.long_call_nice,
                 batch: self.sched_batch,
             },
+            transparent_huge_pages: self.transparent_huge_pages,
             compile_cache_dir,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             auth,

@@ -66,6 +66,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !config.transparent_huge_pages
+        && let Err(e) = jarvis_atomic_executor::runtime::disable_transparent_huge_pages()
+    {
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off");
+    }
     // The API's threads keep the ordinary policy: a request that arrives
     // may preempt a guest on its core without waiting for the scheduler's
     // tick (see `runtime::handoff` for how results still cross in batches).
