@@ -381,3 +381,34 @@ fn seconds_of_day(timestamp: &serde_json::Value) -> f64 {
     let s: f64 = parts.next().unwrap().parse().unwrap();
     h * 3600.0 + m * 60.0 + s
 }
+
+/// The process's `THP_enabled` (Linux `/proc/PID/status`): whether the kernel
+/// may back its memory with transparent huge pages.
+#[cfg(target_os = "linux")]
+fn huge_pages_enabled(executor: &mut LoggedExecutor) -> String {
+    executor.wait_for("listening");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", executor.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .expect("the kernel reports THP_enabled")
+        .trim()
+        .to_owned()
+}
+
+/// A fresh 2 MiB page is zeroed whole on the thread that first touches it,
+/// which stalled the API's threads while a burst of calls arrived: the
+/// executor turns transparent huge pages off unless told otherwise.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_executor_runs_without_transparent_huge_pages_unless_told() {
+    let packs = tempfile::tempdir().unwrap();
+    let mut default = LoggedExecutor::start(packs.path(), |_| {});
+    let mut allowed = LoggedExecutor::start(packs.path(), |command| {
+        command.env("JARVIS_TRANSPARENT_HUGE_PAGES", "true");
+    });
+    assert_eq!(huge_pages_enabled(&mut default), "0");
+    assert_eq!(huge_pages_enabled(&mut allowed), "1");
+    default.finish();
+    allowed.finish();
+}

@@ -281,6 +281,11 @@ impl LoggedExecutor {
             .to_owned()
     }
 
+    /// The process's id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the process and returns every line it wrote.
     pub(crate) fn finish(mut self) -> Vec<String> {
         self.child.kill().unwrap();
